@@ -1,0 +1,29 @@
+"""One error type for every bad argument, with a one-line message: what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ArgumentError(ValueError):
+    """A bad command-line / config-file argument. `str(err)` is a single line meant for the user."""
+
+    def __init__(self, where: str, what: str, todo: str = "") -> None:
+        self.where, self.what, self.todo = where, what, todo
+        message = f"{where}: {what}" if where else what
+        super().__init__(f"{message}; {todo}" if todo else message)
+
+
+def closest(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like `name` (difflib, cutoff 0.6), or None."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_name_error(name: str, candidates: Iterable[str], where: str = "", kind: str = "argument") -> ArgumentError:
+    """`unknown argument --lr; did you mean --learning_rate?` (or a pointer to --help when nothing is close)."""
+    flag = "--" + name
+    guess = closest(name, candidates)
+    todo = f"did you mean --{guess}?" if guess else "run with --help to list the arguments"
+    return ArgumentError(where or flag, f"unknown {kind} {flag}", todo)

@@ -1,0 +1,3 @@
+"""megatune.evaluate — chat with and benchmark models (transformers or vLLM engines)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""Re-launch `megatune sft` under torchrun when swift's launcher variables are set.
+
+ms-swift reads NPROC_PER_NODE / NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT from the environment and, when either
+of the first two is set, re-executes itself under `torch.distributed.run`. We do the same so a swift command line
+works unchanged. Inside the children torchrun sets LOCAL_RANK, which is how we know not to re-launch again.
+Multi-node is plain torchrun + NCCL; nothing here is home-made rendezvous.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+LAUNCH_VARS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def should_relaunch(env: Mapping[str, str] | None = None) -> bool:
+    """True when a launcher variable asks for torchrun and we are not already one of its children."""
+    env = os.environ if env is None else env
+    wants = bool(env.get("NPROC_PER_NODE") or env.get("NNODES"))
+    return wants and "LOCAL_RANK" not in env
+
+
+def local_device_count(env: Mapping[str, str] | None = None) -> int:
+    """Processes per node when NPROC_PER_NODE is unset: the visible GPUs, as swift counts them; 1 on CPU."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([d for d in visible.split(",") if d.strip()]))
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:  # torch without CUDA support, or a driver problem: one process per node
+        return 1
+
+
+def torchrun_command(argv: Sequence[str], env: Mapping[str, str] | None = None, module: str = "megatune.train.cli") -> list[str]:
+    """`python -m torch.distributed.run --nproc_per_node N ... -m megatune.train.cli <argv>`."""
+    env = os.environ if env is None else env
+    nproc = env.get("NPROC_PER_NODE") or str(local_device_count(env))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc]
+    cmd += ["--nnodes", env.get("NNODES") or "1"]
+    for var in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if env.get(var):
+            cmd += [f"--{var.lower()}", env[var]]
+    if not env.get("NNODES") or env.get("NNODES") == "1":
+        # a single node needs no external rendezvous; --standalone would pick a random port and ignore MASTER_PORT
+        if not env.get("MASTER_PORT"):
+            cmd += ["--master_port", str(_free_port())]
+    return [*cmd, "-m", module, *argv]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relaunch(argv: Sequence[str]) -> int:
+    """Run ourselves under torchrun and return its exit code (Ctrl-C is forwarded by the shared process group)."""
+    cmd = torchrun_command(argv)
+    print("megatune sft: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130

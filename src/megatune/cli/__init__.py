@@ -1,0 +1,1 @@
+"""The `megatune` command: ms-swift's `swift export/sft/infer/eval` verbs, dispatched to the component packages."""
