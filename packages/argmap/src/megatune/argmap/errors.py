@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 class ArgumentError(ValueError):
@@ -21,9 +21,13 @@ def closest(name: str, candidates: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def unknown_name_error(name: str, candidates: Iterable[str], where: str = "", kind: str = "argument") -> ArgumentError:
-    """`unknown argument --lr; did you mean --learning_rate?` (or a pointer to --help when nothing is close)."""
+def unknown_name_error(name: str, candidates: Iterable[str], where: str = "", kind: str = "argument",
+                       hints: Mapping[str, str] | None = None) -> ArgumentError:
+    """`unknown argument --lr; did you mean --learning_rate?` (or a pointer to --help when nothing is close).
+
+    `hints` maps names people type by habit (e.g. Megatron's `lr`) to the real one; difflib covers typos.
+    """
     flag = "--" + name
-    guess = closest(name, candidates)
+    guess = (hints or {}).get(name) or closest(name, candidates)
     todo = f"did you mean --{guess}?" if guess else "run with --help to list the arguments"
     return ArgumentError(where or flag, f"unknown {kind} {flag}", todo)

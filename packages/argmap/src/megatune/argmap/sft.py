@@ -1,0 +1,202 @@
+"""`SftArguments`: ms-swift's `swift sft` arguments that megatune's Megatron backend uses, with swift's defaults.
+
+Sources for the defaults (cited per field as `[src]`):
+- [swift2.5]  ms-swift 2.5 `swift/llm/utils/argument.py`, `SftArguments` (the release that added
+              `--train_backend megatron`, `--tp/--pp/--min_lr/--sequence_parallel`);
+- [swift2.5*] the value its `__post_init__` resolves for `sft_type=full` / `train_backend=megatron`
+              (e.g. learning_rate None -> 1e-5 for full, eval_steps None -> 200 for full,
+              min_lr None -> learning_rate x 0.1, resume_from_checkpoint None -> '{model_type}-tp{tp}-pp{pp}');
+- [swift-meg] ms-swift `swift/llm/megatron/argument.py` (`MegatronMixin`) for megatron-only knobs;
+- [megatune]  ours, no swift counterpart.
+Deliberate differences from swift: `sft_type` defaults to 'full' and 'lora' is an error (swift silently switched
+lora -> full under the megatron backend); `train_backend` defaults to (and must be) 'megatron';
+`truncation_strategy` adds 'right' ('truncation_left' is read as 'left').
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ArgumentError
+from .megatron import megatron_lr_decay_style, megatron_optimizer
+
+# swift's adapter tuners: none of them exists in the Megatron backend
+ADAPTER_SFT_TYPES = frozenset({"lora", "qlora", "longlora", "adalora", "ia3", "llamapro", "adapter", "vera", "boft",
+                               "fourierft", "reft"})
+TRUNCATION_ALIASES = {"truncation_left": "left", "ignore": "delete"}
+# older / HF spellings accepted as flags (swift 2.x did the same in handle_compatibility)
+SFT_ALIASES = {
+    "per_device_train_batch_size": "batch_size", "train_type": "sft_type", "preprocess_num_proc": "dataset_num_proc",
+    "only_save_model": "save_only_model", "model": "model_id_or_path",
+}
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class SftArguments:
+    """`megatune sft` arguments (swift names and defaults; see the module docstring for sources)."""
+
+    # model and checkpoint
+    model_type: str | None = _f(None, "model type, e.g. qwen2-7b-instruct [swift2.5]")
+    model_id_or_path: str | None = _f(None, "HF model id or local HF directory [swift2.5]")
+    resume_from_checkpoint: str | None = _f(
+        None, "Megatron checkpoint to start from; default '{model_type}-tp{tp}-pp{pp}' [swift2.5*]")
+    sft_type: str = _f("full", "only 'full' with the Megatron backend [megatune; swift2.5 default 'lora']")
+    train_backend: str = _f("megatron", "only 'megatron' [megatune; swift2.5 default 'transformers']")
+    # data
+    dataset: list[str] = _f([], "training datasets: [hub::]name[:subset][#N] or a local file [swift2.5]")
+    val_dataset: list[str] = _f([], "validation datasets; when given, dataset_test_ratio is 0 [swift2.5]")
+    dataset_test_ratio: float = _f(0.01, "fraction of the training data held out for validation [swift2.5]")
+    max_length: int = _f(2048, "max tokens per sample, -1: no limit [swift2.5]")
+    truncation_strategy: str = _f("delete", "too-long samples: delete | left | right [swift2.5, +right]")
+    system: str | None = _f(None, "default system prompt [swift2.5]")
+    model_name: list[str] = _f([], "self-cognition name: Chinese English [swift2.5]", max_len=2)
+    model_author: list[str] = _f([], "self-cognition author: Chinese English [swift2.5]", max_len=2)
+    packing: bool = _f(False, "pack samples into max_length sequences [swift2.5]")
+    skip_bad_rows: bool = _f(False, "skip malformed dataset rows (with a count) instead of failing [megatune]")
+    dataset_num_proc: int = _f(1, "processes for preprocessing (swift2.5: preprocess_num_proc) [swift2.5]")
+    # precision
+    dtype: Literal["AUTO", "bf16", "fp16", "fp32"] = _f(
+        "AUTO", "training dtype when --fp16/--bf16 are not given; AUTO = bf16 [swift2.5]")
+    fp16: bool | None = _f(None, "fp16 mixed precision (resolved from dtype when unset) [swift2.5*]")
+    bf16: bool | None = _f(None, "bf16 mixed precision (resolved from dtype when unset) [swift2.5*]")
+    # optimizer and schedule
+    learning_rate: float = _f(1e-5, "peak learning rate (full sft) [swift2.5*]")
+    min_lr: float | None = _f(None, "final learning rate; default learning_rate x 0.1 [swift2.5*]")
+    optim: str = _f("adamw_torch", "optimizer: adamw_torch/adamw/adam -> adam, sgd [swift2.5]")
+    lr_scheduler_type: str = _f("cosine", "cosine | linear | constant | constant_with_warmup | ... [swift2.5]")
+    weight_decay: float = _f(0.1, "[swift2.5]")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm [swift2.5]")
+    adam_beta1: float = _f(0.9, "[swift2.5]")
+    adam_beta2: float = _f(0.95, "[swift2.5]")
+    adam_epsilon: float = _f(1e-8, "[swift2.5]")
+    warmup_steps: int = _f(0, "warmup iterations; > 0 overrides warmup_ratio [swift2.5]")
+    warmup_ratio: float = _f(0.05, "warmup as a fraction of the training iterations [swift2.5]")
+    # batches and length of training
+    batch_size: int = _f(1, "micro batch size per data-parallel rank [swift2.5]")
+    gradient_accumulation_steps: int | None = _f(
+        None, "default ceil(16 / batch_size / data-parallel size) [swift2.5*, world size -> DP size]")
+    global_batch_size: int | None = _f(
+        None, "if set: batch_size x data-parallel size must divide it; sets gradient accumulation [swift-meg]")
+    num_train_epochs: int = _f(1, "[swift2.5]")
+    max_steps: int = _f(-1, "> 0: train exactly this many iterations, overriding num_train_epochs [swift2.5]")
+    # parallelism
+    tp: int = _f(1, "tensor parallel size [swift2.5]")
+    pp: int = _f(1, "pipeline parallel size [swift2.5]")
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tp > 1 to matter) [swift2.5]")
+    use_distributed_optimizer: bool = _f(True, "shard optimizer state over data-parallel ranks [swift-meg]")
+    recompute_granularity: Literal["none", "selective", "full"] = _f(
+        "selective", "activation recomputation [swift-meg]")
+    use_flash_attn: bool | None = _f(None, "None: use flash attention when available [swift2.5]")
+    # logging and checkpoints
+    seed: int = _f(42, "[swift2.5]")
+    output_dir: str = _f("output", "[swift2.5]")
+    logging_dir: str | None = _f(None, "tensorboard directory; default {output_dir}/runs [swift2.5*]")
+    logging_steps: int = _f(5, "[swift2.5]")
+    eval_steps: int = _f(200, "evaluate every N iterations (full sft) [swift2.5*]")
+    save_steps: int | None = _f(None, "save every N iterations; default eval_steps [swift2.5*]")
+    save_only_model: bool = _f(False, "save weights only, no optimizer / RNG state [swift2.5]")
+    dataloader_num_workers: int = _f(1, "[swift2.5*]")
+    overwrite: bool = _f(False, "replace an existing output directory instead of failing [megatune]")
+
+    def __post_init__(self) -> None:
+        self._check_backend()
+        self._resolve_precision()
+        self._check_values()
+        if self.min_lr is None:
+            self.min_lr = self.learning_rate * 0.1
+        if self.save_steps is None:
+            self.save_steps = self.eval_steps
+        if self.val_dataset:
+            self.dataset_test_ratio = 0.0
+        if self.resume_from_checkpoint is None and self.model_type:
+            self.resume_from_checkpoint = f"{self.model_type}-tp{self.tp}-pp{self.pp}"
+        self.truncation_strategy = TRUNCATION_ALIASES.get(self.truncation_strategy, self.truncation_strategy)
+        for name in ("model_name", "model_author"):
+            values = list(getattr(self, name))
+            setattr(self, name, values * 2 if len(values) == 1 else values)  # one value: both languages
+
+    def _check_backend(self) -> None:
+        if self.train_backend != "megatron":
+            raise ArgumentError("--train_backend", f"megatune only has the megatron backend, got "
+                                f"{self.train_backend!r}", "pass --train_backend megatron or leave it out")
+        if self.sft_type in ADAPTER_SFT_TYPES:
+            raise ArgumentError("--sft_type", f"{self.sft_type!r} is not supported by the megatron backend "
+                                "(full-parameter training only)",
+                                "pass --sft_type full, or use ms-swift's transformers backend for adapters")
+        if self.sft_type != "full":
+            raise ArgumentError("--sft_type", f"unknown sft_type {self.sft_type!r}", "pass --sft_type full")
+
+    def _resolve_precision(self) -> None:
+        if self.fp16 and self.bf16:
+            raise ArgumentError("--fp16/--bf16", "both are true", "choose one: --bf16 true or --fp16 true")
+        from_dtype = {"AUTO": "bf16", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[self.dtype]
+        explicit = "fp16" if self.fp16 else "bf16" if self.bf16 else None
+        if explicit and self.dtype != "AUTO" and self.dtype != explicit:
+            raise ArgumentError("--dtype", f"--dtype {self.dtype} contradicts --{explicit} true",
+                                "give only one of them")
+        if self.fp16 is None and self.bf16 is None:
+            self.fp16, self.bf16 = from_dtype == "fp16", from_dtype == "bf16"
+        else:
+            self.fp16, self.bf16 = bool(self.fp16), bool(self.bf16)
+
+    def _check_values(self) -> None:
+        megatron_optimizer(self.optim)
+        megatron_lr_decay_style(self.lr_scheduler_type)
+        strategy = TRUNCATION_ALIASES.get(self.truncation_strategy, self.truncation_strategy)
+        if strategy not in ("delete", "left", "right"):
+            raise ArgumentError("--truncation_strategy", f"{self.truncation_strategy!r} is not one of delete, "
+                                "left, right", "pick one of those")
+        for name in ("model_name", "model_author"):
+            values = getattr(self, name)
+            if len(values) > 2:
+                raise ArgumentError(f"--{name}", f"takes at most 2 values (Chinese, English), got {len(values)}",
+                                    f"e.g. --{name} 小黄 'Xiao Huang'; quote names that contain spaces")
+        positive = ["tp", "pp", "batch_size", "logging_steps", "eval_steps", "num_train_epochs", "dataset_num_proc"]
+        positive += [n for n in ("gradient_accumulation_steps", "global_batch_size", "save_steps")
+                     if getattr(self, n) is not None]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"--{name}", f"must be >= 1, got {getattr(self, name)}", "pass a positive integer")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ArgumentError("--warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}", "e.g. 0.05")
+        if not 0.0 <= self.dataset_test_ratio < 1.0:
+            raise ArgumentError("--dataset_test_ratio", f"must be in [0, 1), got {self.dataset_test_ratio}", "e.g. 0.01")
+        if self.learning_rate <= 0:
+            raise ArgumentError("--learning_rate", f"must be > 0, got {self.learning_rate}", "e.g. 1e-5")
+        if self.warmup_steps < 0 or self.dataloader_num_workers < 0:
+            raise ArgumentError("--warmup_steps/--dataloader_num_workers", "must be >= 0", "pass 0 or more")
+
+
+def sft_parser():  # -> SwiftArgParser; imported lazily so `help_notes` can come from the mapping table
+    from .cli import SwiftArgParser
+    from .mapping import TABLE, megatron_counterparts
+
+    notes = {name: f"Megatron: {meg}" for name, meg in megatron_counterparts().items()}
+    # a Megatron-LM name typed by habit (--lr, --micro_batch_size) points at its swift name
+    fields = SftArguments.__dataclass_fields__
+    hints = {rule.megatron: rule.sft[0] for rule in TABLE if rule.sft and rule.megatron not in fields}
+    hints.update({"epochs": "num_train_epochs", "lr_warmup_fraction": "warmup_ratio", "gbs": "global_batch_size"})
+    return SwiftArgParser(SftArguments, prog="megatune sft", aliases=SFT_ALIASES, help_notes=notes, hints=hints,
+                          description="Fine-tune with Megatron-Core; flags follow `swift sft` (ms-swift 2.5).")
+
+
+def parse_sft_args(argv: Sequence[str] | None = None) -> SftArguments:
+    """`megatune sft` flags (and/or a YAML/JSON file: first argument or --config) -> SftArguments.
+
+    Raises ArgumentError (a ValueError) with a one-line message on any bad flag or value; `-h/--help` prints
+    `build_help()` and raises SystemExit(0).
+    """
+    return sft_parser().parse(argv)
+
+
+def build_help() -> str:
+    """`megatune sft --help`: every argument with its type, default, source and Megatron counterpart."""
+    return sft_parser().format_help()

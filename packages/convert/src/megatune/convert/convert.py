@@ -1,0 +1,181 @@
+"""Whole-checkpoint conversions, streamed: HF dir -> Megatron legacy dir, and back.
+
+HF -> Megatron builds one rank file at a time, reading only that rank's slices (plan.rank_part) and writing each
+tensor into the rank file as soon as it is cut (torchfile.StreamingTorchFile). Megatron -> HF opens one PP stage at
+a time (memory-mapped) and streams HF tensors into pre-planned safetensors shards. Peak memory is about the largest
+tensor plus the reader's release budget, independent of model size.
+
+Output goes to a temporary sibling directory that is renamed into place at the end; on any error it is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from megatune.convert.api import resolve_dtype, resolve_layers_per_stage
+from megatune.convert.arch import architecture, check_parallel, shape_of
+from megatune.convert.errors import ConvertError
+from megatune.convert.hf_io import AUX_FILES, HFReader, HFWriter, copy_aux_files, read_config
+from megatune.convert.layout import padded_vocab_size
+from megatune.convert.megatron_io import (
+    dtype_name,
+    megatron_args_namespace,
+    rank_file,
+    write_latest,
+    write_meta,
+)
+from megatune.convert.megatron_reader import MegatronReader
+from megatune.convert.plan import hf_shape, is_tied_copy, rank_part, rank_shape, stage_entries
+from megatune.convert.torchfile import Pending, StreamingTorchFile
+
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp sibling of out_dir; rename it to out_dir on success, remove it on failure."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ConvertError(f"{out_dir}: output directory exists; pass --overwrite true or choose another directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():  # overwrite: move the old one aside first so the swap is two renames
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+class Progress:
+    """tqdm over bytes with a GB/s postfix; silent when disabled or tqdm is missing."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                           "[{elapsed}<{remaining}, {rate_fmt}]")
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def hf_to_megatron(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str | torch.dtype | None = None,
+    model_type: str | None = None,
+    naming: str = "local",
+    make_vocab_size_divisible_by: int = 128,
+    layers_per_stage: Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    cfg = read_config(hf_dir)
+    arch = architecture(cfg, where=str(hf_dir / "config.json"))
+    shape = shape_of(cfg)
+    check_parallel(shape, tp, where=str(hf_dir / "config.json"))
+    counts = resolve_layers_per_stage(shape.layers, pp, layers_per_stage)
+    padded = padded_vocab_size(shape.vocab, make_vocab_size_divisible_by, tp)
+    reader = HFReader(hf_dir)
+    to = resolve_dtype(dtype) or reader.dtype(reader.names()[0])
+    meta = {
+        "format_version": FORMAT_VERSION, "model_type": model_type or arch.name, "architecture": arch.hf_class,
+        "hf_config": cfg, "dtype": dtype_name(to), "tp": tp, "pp": pp, "layers_per_stage": counts,
+        "vocab_size": shape.vocab, "padded_vocab_size": padded,
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by, "naming": naming,
+        "tied_embeddings": shape.tied,
+    }
+    args = megatron_args_namespace(meta)
+    plans = {}  # (tp_rank, pp_rank) -> [(entry, rank shape)]
+    total = 0
+    for p in range(pp):
+        entries = stage_entries(shape, counts, p, naming)
+        shapes = [rank_shape(e, reader.shape(e.hf_names[0]), shape, tp, padded) for e in entries]
+        for t in range(tp):
+            plans[t, p] = list(zip(entries, shapes))
+            total += sum(torch.Size(s).numel() * to.itemsize for s in shapes)
+    bar = Progress(total, f"HF -> Megatron tp{tp} pp{pp}", progress)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        for (t, p), plan in plans.items():  # one rank file at a time
+            path = rank_file(tmp, "release", t, p, pp)
+            path.parent.mkdir(parents=True)
+            skeleton = {"model": {e.name: Pending(str(i), s, to) for i, (e, s) in enumerate(plan)},
+                        "checkpoint_version": 3.0, "iteration": 0, "args": args}
+            with StreamingTorchFile(path, skeleton) as f:
+                for i, (e, s) in enumerate(plan):
+                    part = rank_part(e, reader, shape, tp, t, padded).to(to)
+                    f.write(str(i), part)
+                    bar.update(part.numel() * part.element_size())
+        bar.close()
+        write_meta(tmp, meta)
+        copy_aux_files(hf_dir, tmp)
+        write_latest(tmp, "release")  # last: a reader never sees a tracker pointing at missing files
+    reader.release()
+    return out_dir
+
+
+def megatron_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    iteration: int | str | None = None,
+    max_shard_size: int = 5 * 10**9,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    reader = MegatronReader(ckpt_dir, iteration)
+    meta, shape = reader.meta, reader.dims
+    out_dir = Path(out_dir) if out_dir is not None else ckpt_dir / f"{meta['model_type']}-hf"
+    to = reader.dtype()
+    names = [n for p in range(meta["pp"])
+             for e in stage_entries(shape, meta["layers_per_stage"], p, meta["naming"]) if not is_tied_copy(e)
+             for n in e.hf_names]
+    specs = [(n, hf_shape(n, shape), to) for n in names]
+    bar = Progress(sum(torch.Size(s).numel() * to.itemsize for _, s, _ in specs), "Megatron -> HF", progress)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        writer = HFWriter(tmp, specs, max_shard_size)
+        for n, _, _ in specs:
+            t = reader.read(n)
+            writer.write(n, t)
+            bar.update(t.numel() * t.element_size())
+        writer.close()
+        bar.close()
+        reader.release()
+        cfg = dict(meta["hf_config"])
+        for key in ("torch_dtype", "dtype"):  # record the dtype the weights are now in
+            if key in cfg or key == "torch_dtype":
+                cfg[key] = dtype_name(to)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        copy_aux_files(ckpt_dir, tmp, [f for f in AUX_FILES if f != "config.json"])
+    return out_dir

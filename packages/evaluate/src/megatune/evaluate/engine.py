@@ -1,0 +1,87 @@
+"""The engine interface shared by the `pt` (transformers) and `vllm` backends, and the factory that picks one.
+
+An engine does two things, each batched over a list of requests:
+- `generate(prompts, sampling) -> list[str]`: a prompt is either a raw string (sent as is) or a list of chat messages
+  (`[{"role", "content"}]`, rendered with the tokenizer's chat template plus the generation prompt);
+- `loglikelihood([(context, continuation), ...]) -> list[(logprob, is_greedy)]`: the summed log-probability of the
+  continuation tokens given the context, and whether greedy decoding would have produced exactly those tokens
+  (lm-evaluation-harness semantics, including its context/continuation tokenization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Union
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+Prompt = Union[str, list[Message]]
+
+VLLM_MISSING = (
+    "--infer_backend vllm needs vLLM, which is not installed; "
+    "run `pip install 'megatune-evaluate[vllm]'` (a CUDA machine), or use --infer_backend pt, which works everywhere"
+)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, missing data, missing extra). The CLI prints it as one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. temperature 0 means greedy (the default: evaluation must be reproducible)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()  # cut the text at the first of these (few-shot prompts run on past the answer)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class Engine(Protocol):
+    model_dir: Path
+
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling, progress=None) -> list[str]: ...
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], progress=None) -> list[tuple[float, bool]]: ...
+
+    def stream(self, messages: list[Message], sampling: Sampling) -> Iterator[str]: ...
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the earliest stop string (all of it when none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def split_context(context: str, continuation: str) -> tuple[str, str]:
+    """Move trailing whitespace of the context onto the continuation, as lm-evaluation-harness does, so that
+    "Answer: " + "A" and "Answer:" + " A" are scored the same way (BPE merges the space into the next token)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
+
+
+def load_engine(backend: str, model_dir: str | Path, **kwargs) -> Engine:
+    """`pt` (transformers, any machine) or `vllm` (optional extra, CUDA). kwargs go to the engine's constructor."""
+    if backend == "pt":
+        from megatune.evaluate.pt_engine import PtEngine
+
+        return PtEngine(model_dir, **kwargs)
+    if backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise UserError(VLLM_MISSING) from e
+        from megatune.evaluate.vllm_engine import VllmEngine
+
+        return VllmEngine(model_dir, **kwargs)
+    raise UserError(f"--infer_backend {backend!r} is not one of: pt, vllm")

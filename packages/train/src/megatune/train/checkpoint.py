@@ -1,0 +1,282 @@
+"""Load pretrained weights into GPTModel chunks; save and resume Megatron-LM legacy training checkpoints.
+
+Layout (DESIGN.md "Checkpoint formats"), readable by Megatron-LM `--load` and by `megatune export --to_hf`:
+
+    DIR/latest_checkpointed_iteration.txt            replaced atomically, LAST
+    DIR/iter_%07d/mp_rank_TT[_PPP]/model_optim_rng.pt  model, checkpoint_version 3.0, iteration, args,
+                                                     optimizer, opt_param_scheduler, rng_state, extra
+    DIR/megatune.json (tp/pp/layers/vocab padding/naming of THIS run) + tokenizer and config files
+
+An iteration is written into a temporary sibling `DIR/.iter_%07d.tmp` and renamed into place by rank 0 after a
+barrier, so a crash never leaves a half-written iteration behind the tracker file. Only data-parallel rank 0 of
+each (tp, pp) coordinate writes (the non-distributed optimizer's state is replicated over DP). Everything is read
+back with `torch.load(weights_only=True)`; the allow-list is argparse.Namespace (RNG states are plain values).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from megatune.train import cpu_mode
+from megatune.train.errors import TrainError
+
+log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 3.0
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                    "config.json", "generation_config.json")
+
+
+def _safe_globals() -> list:
+    """The only non-tensor class a training checkpoint pickles: Megatron-LM's args. (RNG states are stored as
+    plain python values, so numpy types need no allow-listing, here or in `megatune export`.)"""
+    import argparse
+
+    return [argparse.Namespace]
+
+
+def _torch_load(path: Path) -> dict:
+    if not path.is_file():
+        raise TrainError(f"{path}: rank file not found; the checkpoint is incomplete or its tp/pp differ from "
+                         f"megatune.json")
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _coords() -> tuple[int, int, int, int]:
+    return (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _single(model_chunks) -> torch.nn.Module:
+    if len(model_chunks) != 1:
+        raise TrainError(f"{len(model_chunks)} model chunks: virtual pipeline stages are not supported; build "
+                         f"the model with build_model (one chunk per rank)")
+    return model_chunks[0]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # megatron-core DDP / Float16Module wrap the GPTModel as .module
+        model = model.module
+    return model
+
+
+def _model_state(model) -> dict[str, torch.Tensor]:
+    """GPTModel state dict without `_extra_state` entries (TE's fp8 metadata; empty for our spec)."""
+    return {k: v for k, v in _unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
+
+
+def _naming(model) -> str:
+    return "te" if getattr(_unwrap(model), "megatune_spec", "native") == "te" else "local"
+
+
+def layers_per_stage(model) -> list[int]:
+    """Layer count of every PP stage for this model's config (gathered from the config, not communicated)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    cfg = _unwrap(model).config
+    return [get_num_layers_to_build(cfg, pp_rank=r) for r in range(cfg.pipeline_model_parallel_size)]
+
+
+def _load_into(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load (names and shapes), ignoring `_extra_state`; one clear line on the first problem."""
+    expected = _model_state(model)
+    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise TrainError(f"{source}: state-dict names do not match the model (missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'...' if len(unexpected) > 3 else ''}); check tp/pp/layer-spec naming of the checkpoint")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise TrainError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(expected[k].shape)}; the checkpoint was made for another tp or config")
+    _unwrap(model).load_state_dict(state, strict=False)
+
+
+def _source_kind(source_dir: Path) -> str:
+    if (source_dir / "latest_checkpointed_iteration.txt").is_file():
+        return "megatron"
+    if (source_dir / "config.json").is_file() and any(source_dir.glob("*.safetensors")):
+        return "hf"
+    raise TrainError(f"{source_dir}: not an HF model (config.json + *.safetensors) nor a Megatron checkpoint "
+                     f"(latest_checkpointed_iteration.txt); pass --model_id_or_path / --resume_from_checkpoint "
+                     f"pointing at one")
+
+
+def load_pretrained(model_chunks, source_dir) -> dict:
+    """Load weights for this rank from an HF directory (sharded on the fly) or a Megatron legacy directory
+    (resharded in memory when its tp/pp differ). Returns {"kind": "hf"|"megatron", "iteration": ...}."""
+    from megatune.convert import api
+    from megatune.convert.errors import ConvertError
+
+    model = _single(model_chunks)
+    source_dir = Path(source_dir)
+    kind = _source_kind(source_dir)
+    tp, pp, tp_rank, pp_rank = _coords()
+    dtype = next(_unwrap(model).parameters()).dtype
+    try:
+        if kind == "hf":
+            state = api.hf_to_megatron_rank(source_dir, tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank,
+                                            naming=_naming(model), dtype=dtype,
+                                            layers_per_stage=layers_per_stage(model))
+            iteration = None
+        else:
+            meta = api.read_meta(source_dir)
+            if meta.get("naming", "local") != _naming(model):
+                raise TrainError(f"{source_dir}: checkpoint uses {meta.get('naming')!r} layer names but the model "
+                                 f"was built with the {_naming(model)!r} spec; build with the matching spec "
+                                 f"(spec='te' needs transformer-engine) or re-convert from HF")
+            iteration = api.read_latest(source_dir)
+            state = api.load_megatron_rank(source_dir, tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank)
+    except ConvertError as e:
+        raise TrainError(str(e)) from None
+    _load_into(model, state, str(source_dir))
+    return {"kind": kind, "iteration": iteration}
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))  # np.random.set_state accepts this
+    state = {"random_rng_state": random.getstate(), "np_rng_state": np_state,
+             "torch_rng_state": torch.get_rng_state(),
+             "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+             "megatune_device": "cpu" if cpu_mode.is_cpu_mode() else "cuda"}
+    if not cpu_mode.is_cpu_mode():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    here = "cpu" if cpu_mode.is_cpu_mode() else "cuda"
+    saved = state.get("megatune_device", "cuda" if "cuda_rng_state" in state else "cpu")
+    if saved != here:  # CPU and CUDA generator states have different formats
+        log.warning("checkpoint RNG state was saved on %s, running on %s: device RNG streams not restored", saved, here)
+        return
+    if "cuda_rng_state" in state:
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def run_meta(meta: dict, model_chunks) -> dict:
+    """megatune.json for this run: the source's meta (or {"hf_config": ...}) with tp/pp/layers/vocab/naming/dtype
+    taken from the live model, so `megatune export --to_hf` reads the shards exactly as they were written."""
+    from megatune.convert.layout import padded_vocab_size
+
+    model = _unwrap(_single(model_chunks))
+    tp, pp, _, _ = _coords()
+    hf = dict(meta["hf_config"])
+    divisible = meta.get("make_vocab_size_divisible_by", 128)
+    vocab = int(hf["vocab_size"])
+    tied = bool(model.share_embeddings_and_output_weights)
+    return {**meta, "format_version": meta.get("format_version", 1),
+            "model_type": meta.get("model_type") or hf.get("model_type"),
+            "architecture": meta.get("architecture") or (hf.get("architectures") or [None])[0],
+            "hf_config": hf, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "tp": tp,
+            "pp": pp, "layers_per_stage": layers_per_stage(model), "vocab_size": vocab,
+            "padded_vocab_size": padded_vocab_size(vocab, divisible, tp), "make_vocab_size_divisible_by": divisible,
+            "naming": _naming(model), "tied_embeddings": tied}
+
+
+def save_checkpoint(ckpt_dir, iteration: int, model_chunks, *, optimizer=None, scheduler=None, extra: dict | None = None,
+                    meta: dict, save_optim: bool = True, save_rng: bool = True, tokenizer_dir=None) -> Path:
+    """Write iteration `iteration` (all ranks call this). Returns DIR/iter_%07d."""
+    from megatune.convert import api
+
+    model = _single(model_chunks)
+    ckpt_dir = Path(ckpt_dir)
+    tp, pp, tp_rank, pp_rank = _coords()
+    name = f"iter_{int(iteration):07d}"
+    final, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    full_meta = run_meta(meta, model_chunks)
+    if rank0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        tmp.mkdir()
+    _barrier()
+    if parallel_state.get_data_parallel_rank() == 0:
+        state = {"model": _model_state(model), "checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
+                 "args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
+                 "extra": dict(extra or {})}
+        if optimizer is not None and save_optim:
+            state["optimizer"] = optimizer.state_dict()
+        if scheduler is not None and save_optim:
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if save_rng:
+            state["rng_state"] = [_rng_state()]
+        rank_path = api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)  # DIR/iter_X/mp_rank_../file
+        path = tmp / rank_path.parent.name / rank_path.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+    _barrier()
+    if rank0:
+        if final.exists():  # re-saving an iteration: swap the old one out, then delete it
+            old = ckpt_dir / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        api.write_meta(ckpt_dir, full_meta)
+        if tokenizer_dir is not None:
+            for f in _TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / f).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / f, ckpt_dir / f)
+        api.write_latest(ckpt_dir, int(iteration))
+    _barrier()
+    return final
+
+
+def load_checkpoint(ckpt_dir, model_chunks, optimizer=None, scheduler=None, *, iteration: int | None = None,
+                    load_optim: bool = True, load_rng: bool = True) -> dict:
+    """Resume: model (+ optimizer, scheduler, RNG when saved). Returns {"iteration", "extra", "meta"}."""
+    from megatune.convert import api
+    from megatune.convert.errors import ConvertError
+
+    model = _single(model_chunks)
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        meta = api.read_meta(ckpt_dir)
+        iteration = api.read_latest(ckpt_dir) if iteration is None else iteration
+    except ConvertError as e:
+        raise TrainError(str(e)) from None
+    tp, pp, tp_rank, pp_rank = _coords()
+    if (meta["tp"], meta["pp"]) != (tp, pp):
+        if load_optim and optimizer is not None:
+            raise TrainError(f"{ckpt_dir}: saved with tp={meta['tp']} pp={meta['pp']}, running tp={tp} pp={pp}; "
+                             f"optimizer state cannot be resharded: resume with the same tp/pp, or load weights only "
+                             f"(load_optim=False / --no_load_optim)")
+        load_pretrained(model_chunks, ckpt_dir)
+        return {"iteration": iteration, "extra": {}, "meta": meta}
+    state = _torch_load(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp))
+    _load_into(model, state["model"], str(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)))
+    if load_optim and optimizer is not None:
+        if "optimizer" not in state:
+            raise TrainError(f"{ckpt_dir}: iteration {iteration} has no optimizer state (saved with save_optim=False "
+                             f"or converted from HF); load with load_optim=False")
+        optimizer.load_state_dict(state["optimizer"])
+    if load_optim and scheduler is not None and "opt_param_scheduler" in state:
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    if load_rng and "rng_state" in state:
+        _set_rng_state(state["rng_state"][0])
+    return {"iteration": state.get("iteration", iteration), "extra": state.get("extra", {}), "meta": meta}
