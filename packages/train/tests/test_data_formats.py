@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from megatune.train.data import DataConfig, DataError, build_datasets, parse_spec
 from megatune.train.data.formats import RowError, to_messages
 

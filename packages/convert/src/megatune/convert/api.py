@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
 from megatune.convert.arch import check_parallel, shape_of
 from megatune.convert.errors import ConvertError
 from megatune.convert.hf_io import HFReader, read_config

@@ -18,12 +18,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-
 from megatune.convert.api import resolve_dtype, resolve_layers_per_stage
 from megatune.convert.arch import architecture, check_parallel, shape_of
 from megatune.convert.errors import ConvertError
 from megatune.convert.hf_io import AUX_FILES, HFReader, HFWriter, copy_aux_files, read_config
-from megatune.convert.layout import padded_vocab_size
+from megatune.convert.layout import padded_vocab_size, shard
 from megatune.convert.megatron_io import (
     dtype_name,
     megatron_args_namespace,
@@ -32,7 +31,7 @@ from megatune.convert.megatron_io import (
     write_meta,
 )
 from megatune.convert.megatron_reader import MegatronReader
-from megatune.convert.plan import hf_shape, is_tied_copy, rank_part, rank_shape, stage_entries
+from megatune.convert.plan import hf_shape, hf_to_full, is_tied_copy, rank_shape, stage_entries
 from megatune.convert.torchfile import Pending, StreamingTorchFile
 
 FORMAT_VERSION = 1
@@ -116,31 +115,33 @@ def hf_to_megatron(
         "tied_embeddings": shape.tied,
     }
     args = megatron_args_namespace(meta)
-    plans = {}  # (tp_rank, pp_rank) -> [(entry, rank shape)]
-    total = 0
-    for p in range(pp):
-        entries = stage_entries(shape, counts, p, naming)
-        shapes = [rank_shape(e, reader.shape(e.hf_names[0]), shape, tp, padded) for e in entries]
-        for t in range(tp):
-            plans[t, p] = list(zip(entries, shapes))
-            total += sum(torch.Size(s).numel() * to.itemsize for s in shapes)
+    stages = [stage_entries(shape, counts, p, naming) for p in range(pp)]
+    shapes = [[rank_shape(e, reader.shape(e.hf_names[0]), shape, tp, padded) for e in es] for es in stages]
+    total = tp * sum(torch.Size(s).numel() * to.itemsize for ss in shapes for s in ss)
     bar = Progress(total, f"HF -> Megatron tp{tp} pp{pp}", progress)
     with atomic_dir(out_dir, overwrite) as tmp:
-        for (t, p), plan in plans.items():  # one rank file at a time
-            path = rank_file(tmp, "release", t, p, pp)
-            path.parent.mkdir(parents=True)
-            skeleton = {"model": {e.name: Pending(str(i), s, to) for i, (e, s) in enumerate(plan)},
+        for p, entries in enumerate(stages):
+            # A stage's tp rank files are written side by side: each HF tensor is read once, whole and
+            # sequentially, then cut into its tp parts (layout.shard); a stage's files close when it is done.
+            skeleton = {"model": {e.name: Pending(str(i), s, to) for i, (e, s) in enumerate(zip(entries, shapes[p]))},
                         "checkpoint_version": 3.0, "iteration": 0, "args": args}
-            with StreamingTorchFile(path, skeleton) as f:
-                for i, (e, s) in enumerate(plan):
-                    part = rank_part(e, reader, shape, tp, t, padded).to(to)
+            files = []
+            for t in range(tp):
+                path = rank_file(tmp, "release", t, p, pp)
+                path.parent.mkdir(parents=True)
+                files.append(StreamingTorchFile(path, skeleton))
+            for i, e in enumerate(entries):
+                full = hf_to_full(e, [reader.read(n).to(to) for n in e.hf_names], shape)  # (rows, ...)
+                for f, part in zip(files, shard(e.param.kind, full, tp, padded_vocab=padded)):
                     f.write(str(i), part)
                     bar.update(part.numel() * part.element_size())
+                del full
+            for f in files:
+                f.close()
         bar.close()
         write_meta(tmp, meta)
         copy_aux_files(hf_dir, tmp)
         write_latest(tmp, "release")  # last: a reader never sees a tracker pointing at missing files
-    reader.release()
     return out_dir
 
 
@@ -166,9 +167,10 @@ def megatron_to_hf(
     with atomic_dir(out_dir, overwrite) as tmp:
         writer = HFWriter(tmp, specs, max_shard_size)
         for n, _, _ in specs:
-            t = reader.read(n)
-            writer.write(n, t)
-            bar.update(t.numel() * t.element_size())
+            pieces = list(reader.stream(n))
+            writer.write(n, *pieces)
+            bar.update(sum(t.numel() * t.element_size() for t in pieces))
+            del pieces
         writer.close()
         bar.close()
         reader.release()

@@ -1,8 +1,8 @@
 """Hugging Face safetensors checkpoints: a slice reader and a streaming sharded writer.
 
-Memory: the reader copies only the requested slice out of safetensors' mmap, and drops its file handles every
-`release_bytes` so the touched mmap pages leave the process (they count in RSS while mapped). The writer knows
-every name/shape/dtype up front, writes each shard's header first, then each tensor's bytes as it arrives.
+Memory: the reader reads each requested slice into a fresh tensor with positional reads (no mmap), so RSS is only
+what the caller holds. The writer knows every name/shape/dtype up front, writes each shard's header first, then
+each tensor's bytes as they arrive (a tensor may arrive in dim-0 pieces, e.g. one per TP rank).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from megatune.convert.errors import ConvertError
 
 INDEX = "model.safetensors.index.json"
@@ -41,90 +39,97 @@ def read_config(hf_dir: Path) -> dict:
         raise ConvertError(f"{path}: invalid JSON ({e}); re-download the model") from None
 
 
-class HFReader:
-    """Reader (see plan.Reader) over a directory of safetensors shards."""
+def read_header(path: Path) -> tuple[int, dict]:
+    """(data start offset, header) of a safetensors file, validated against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > 100 << 20:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"truncated: tensors end at byte {8 + n + end}, file has {size}")
+        return 8 + n, header
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: missing safetensors shard; re-download the model") from None
+    except (ValueError, KeyError, TypeError, struct.error) as e:  # JSONDecodeError is a ValueError
+        raise ConvertError(f"{path}: corrupt safetensors file ({e}); re-download the model") from None
 
-    def __init__(self, hf_dir: str | Path, release_bytes: int = 512 << 20):
+
+class HFReader:
+    """Reader (see plan.Reader) over a directory of safetensors shards.
+
+    Reads with plain positional reads into fresh tensors rather than through an mmap: no page-fault cost per 4 KiB,
+    and nothing stays mapped, so RSS is just the tensors the caller holds. A dim-0 slice reads only its bytes."""
+
+    def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
-        self.release_bytes = release_bytes
-        self._handles: dict[str, object] = {}
-        self._since_release = 0
         self.bytes_read = 0
+        self._headers: dict[str, tuple[int, dict]] = {}
         index = self.dir / INDEX
         if index.is_file():
             try:
                 self.files = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ConvertError(f"{index}: invalid index ({e}); re-download the model") from None
         else:
-            self.files = {}
             shards = sorted(self.dir.glob("*.safetensors"))
             if not shards:
                 raise ConvertError(f"{self.dir}: no *.safetensors files (and no {INDEX}); "
                                    f"convert .bin weights to safetensors first")
-            for shard in shards:
-                for name in self._open(shard.name).keys():
-                    self.files[name] = shard.name
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
+            self.files = {k: s.name for s in shards for k in self._header(s.name)[1] if k != "__metadata__"}
 
-    def _open(self, file: str):
-        if file not in self._handles:
-            path = self.dir / file
-            if not path.is_file():
-                raise ConvertError(f"{path}: missing safetensors shard (listed in {INDEX}); re-download the model")
-            try:
-                self._handles[file] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise ConvertError(f"{path}: corrupt safetensors file ({e}); re-download the model") from None
-        return self._handles[file]
+    def _header(self, file: str) -> tuple[int, dict]:
+        if file not in self._headers:
+            self._headers[file] = read_header(self.dir / file)
+        return self._headers[file]
 
-    def _slice(self, name: str):
+    def _info(self, name: str) -> tuple[Path, int, dict]:
         if name not in self.files:
             raise ConvertError(f"{self.dir}: tensor {name!r} not found in the checkpoint; is config.json's "
                                f"architecture right for these weights?")
-        try:
-            return self._open(self.files[name]).get_slice(name)
-        except SafetensorError as e:
-            raise ConvertError(f"{self.dir / self.files[name]}: cannot read tensor {name!r} ({e}); "
-                               f"re-download the model") from None
+        start, header = self._header(self.files[name])
+        if name not in header:
+            raise ConvertError(f"{self.dir / self.files[name]}: tensor {name!r} listed in {INDEX} but absent "
+                               f"from the shard; re-download the model")
+        return self.dir / self.files[name], start, header[name]
 
     def names(self) -> list[str]:
         return list(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._shapes:
-            sl = self._slice(name)
-            self._shapes[name] = tuple(sl.get_shape())
-            self._dtypes[name] = DTYPES[sl.get_dtype()]
-        return self._shapes[name]
+        return tuple(self._info(name)[2]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        self.shape(name)
-        return self._dtypes[name]
+        path, _, info = self._info(name)
+        if info["dtype"] not in DTYPES:
+            raise ConvertError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        return DTYPES[info["dtype"]]
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        sl = self._slice(name)
-        try:
-            if start is None:
-                t = sl[:]
-            elif dim == 0:
-                t = sl[start:stop]
-            else:
-                t = sl[:, start:stop]
-        except Exception as e:  # safetensors raises plain errors on truncated data
-            raise ConvertError(f"{self.dir / self.files[name]}: cannot read tensor {name!r} ({e}); "
-                               f"re-download the model") from None
-        self.bytes_read += t.numel() * t.element_size()
-        self._since_release += t.numel() * t.element_size()
-        if self._since_release >= self.release_bytes:
-            self.release()
-        return t
+        path, data_start, info = self._info(name)
+        shape, dtype = list(info["shape"]), self.dtype(name)
+        begin, end = info["data_offsets"]
+        if math.prod(shape) * dtype.itemsize != end - begin:
+            raise ConvertError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {shape} {info['dtype']}; "
+                               f"corrupt file, re-download the model")
+        if start is not None and dim == 0:  # rows are contiguous: read just them
+            row = math.prod(shape[1:]) * dtype.itemsize
+            begin, shape[0] = begin + start * row, stop - start
+        out = torch.empty(shape, dtype=dtype)
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+        with open(path, "rb") as f:
+            f.seek(data_start + begin)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise ConvertError(f"{path}: tensor {name!r} truncated; re-download the model")
+        self.bytes_read += len(buf)
+        return out if start is None or dim == 0 else out.narrow(dim, start, stop - start)
 
     def release(self) -> None:
-        """Close every handle: unmaps the files so pages already read stop counting in this process's RSS."""
-        self._handles.clear()
-        self._since_release = 0
+        """Nothing stays open between reads; kept for symmetry with MegatronReader."""
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[list[int]]:
@@ -170,14 +175,17 @@ class HFWriter:
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._shard = s
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, *pieces: torch.Tensor) -> None:
+        """Write tensor `name`, given whole or as consecutive dim-0 pieces (concatenated on disk, never in memory)."""
         want, shape, dtype = self.specs[self._next]
-        assert name == want and tuple(tensor.shape) == shape and tensor.dtype == dtype, \
-            f"expected {want} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+        got = (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]) if pieces[0].dim() else tuple(pieces[0].shape)
+        assert name == want and got == shape and all(p.dtype == dtype for p in pieces), \
+            f"expected {want} {shape} {dtype}, got {name} {got} {pieces[0].dtype}"
         shard = next(s for s, idx in enumerate(self.shards) if self._next in idx)
         if shard != self._shard:
             self._start_shard(shard)
-        self._f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        for p in pieces:
+            self._f.write(p.contiguous().view(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from megatune.convert.arch import megatron_model_args
 from megatune.convert.errors import ConvertError
 

@@ -7,13 +7,13 @@ and re-opened every `release_bytes` so that pages already consumed leave the pro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
-from megatune.convert.arch import Shape, shape_of
+from megatune.convert.arch import EMBEDDING, Shape, shape_of
 from megatune.convert.errors import ConvertError
-from megatune.convert.layout import unshard
+from megatune.convert.layout import VOCAB, unshard
 from megatune.convert.megatron_io import load_rank_file, rank_file, read_latest, read_meta
 from megatune.convert.plan import Entry, full_to_hf, hf_shape, is_tied_copy, rank_shape, stage_entries
 
@@ -53,6 +53,17 @@ class MegatronReader:
                                f"megatune.json says tp={self.tp}, pp={self.pp} ({len(want)} ranks); "
                                f"the checkpoint and its megatune.json disagree")
 
+    def _checked(self, model: dict, entry: Entry, path: Path, want: tuple[int, ...]) -> torch.Tensor:
+        if entry.name not in model:
+            raise ConvertError(f"{path}: tensor {entry.name!r} missing; was the checkpoint written for another "
+                               f"architecture or layer-spec naming (megatune.json naming={self.meta['naming']!r})?")
+        part = model[entry.name]
+        if tuple(part.shape) != want:
+            raise ConvertError(f"{path}: tensor {entry.name!r} has shape {tuple(part.shape)}, expected {want} for "
+                               f"tp={self.tp}; the rank files were written with a different tensor-parallel size "
+                               f"than megatune.json says")
+        return part
+
     def names(self) -> list[str]:
         return list(self.where)
 
@@ -74,16 +85,7 @@ class MegatronReader:
         want = rank_shape(entry, hf_shape(entry.hf_names[0], self.dims), self.dims, self.tp, self.padded)
         for t, model in enumerate(self._files):
             path = rank_file(self.dir, self.iteration, t, stage, self.pp)
-            if entry.name not in model:
-                raise ConvertError(f"{path}: tensor {entry.name!r} missing; was the checkpoint written for "
-                                   f"another architecture or layer-spec naming (megatune.json naming="
-                                   f"{self.meta['naming']!r})?")
-            part = model[entry.name]
-            if tuple(part.shape) != want:
-                raise ConvertError(f"{path}: tensor {entry.name!r} has shape {tuple(part.shape)}, expected {want} "
-                                   f"for tp={self.tp}; the rank files were written with a different tensor-parallel "
-                                   f"size than megatune.json says")
-            parts.append(part)
+            parts.append(self._checked(model, entry, path, want))
         full = unshard(entry.param.kind, parts, vocab_size=self.dims.vocab)
         tensors = full_to_hf(entry, full, self.dims)  # contiguous copies: the maps can be dropped safely
         self._since_load += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -91,7 +93,27 @@ class MegatronReader:
         return tensors
 
     def dtype(self) -> torch.dtype:
-        return self._entry_tensors("model.embed_tokens.weight")["model.embed_tokens.weight"].dtype
+        """The stored dtype (read from rank 0's embedding header; no data is touched)."""
+        model = load_rank_file(rank_file(self.dir, self.iteration, 0, 0, self.pp))["model"]
+        return model[EMBEDDING.local].dtype
+
+    def stream(self, hf_name: str) -> Iterator[torch.Tensor]:
+        """The HF tensor as consecutive dim-0 pieces. Embedding / output layer (the largest tensors) come one TP
+        part at a time straight from each rank file's map, never concatenated; everything else in one piece."""
+        stage, entry = self.where.get(hf_name, (None, None))
+        if entry is None or entry.param.kind != VOCAB:
+            yield self.read(hf_name)
+            return
+        self.release()
+        rows = self.padded // self.tp
+        want = (rows, self.dims.hidden)
+        for t in range(self.tp):
+            path = rank_file(self.dir, self.iteration, t, stage, self.pp)
+            part = self._checked(load_rank_file(path)["model"], entry, path, want)
+            keep = max(0, min(rows, self.dims.vocab - t * rows))  # strip the vocab padding
+            if keep:
+                yield part[:keep]
+            del part  # drops this file's map before the next one is opened
 
     def shape(self, name: str) -> tuple[int, ...]:
         return hf_shape(name, self.dims)

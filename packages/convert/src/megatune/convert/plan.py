@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-
 from megatune.convert.arch import EMBEDDING, FINAL_NORM, LAYER_PARAMS, OUTPUT, OUTPUT_TIED, Param, Shape
 from megatune.convert.layout import (
     COLUMN,

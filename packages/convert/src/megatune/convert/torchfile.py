@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.serialization import _get_storage_alignment, get_crc32_options
+from torch.serialization import _get_storage_alignment
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class StreamingTorchFile:
         _SkeletonPickler(buf, protocol=2).dump(skeleton)
         self._expected = {p.key: p for p in _pendings(skeleton)}
         self._written: set[str] = set()
-        self._zip = torch._C.PyTorchFileWriter(str(self.path), get_crc32_options(), _get_storage_alignment())
+        # no CRC32: it costs a CPU pass over every byte and torch.load does not need it
+        self._zip = torch._C.PyTorchFileWriter(str(self.path), False, _get_storage_alignment())
         data = buf.getvalue()
         self._zip.write_record("data.pkl", data, len(data))
         self._zip.write_record(".format_version", "1", 1)

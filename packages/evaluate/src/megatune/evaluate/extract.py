@@ -30,7 +30,8 @@ _MC_PATTERNS = [
     r"(?i:(?:option|choice))\s*[(\[]?" + _LETTER + r"[)\]]?\s*(?i:is (?:the )?(?:correct|right))",
     r"\\boxed\{\s*(?:\\text\{)?\s*" + _LETTER,
     # the reply is (or starts with) just the letter: "B", "B.", "(B) text", "B：text"
-    r"^\s*[*(（\[【]*" + _LETTER + r"(?:\s*$|[)）\]】.。．:：,，、\s])",
+    # ("A cat ..." starts with an article, not an answer: a space then a lowercase word does not count)
+    r"^\s*[*(（\[【]*" + _LETTER + r"(?:\s*$|[)）\]】.。．:：,，、]|\s(?![a-z]))",
     # the reply ends with the letter: "... 所以选B。", "... so B."
     r"(?:^|[\s，,：:是为选])" + _LETTER + r"\s*[)）]?\s*[。.．!！]?\s*$",
 ]

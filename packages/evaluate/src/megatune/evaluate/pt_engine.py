@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-
 from megatune.evaluate.engine import Message, Prompt, Sampling, UserError, split_context, truncate_at_stop
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -15,12 +15,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
 from megatune.evaluate.engine import Engine, Sampling, UserError
 from megatune.evaluate.extract import extract_choice, extract_number, numbers_equal
 from megatune.evaluate.tasks import TASKS
 from megatune.evaluate.tasks.common import Example, limit_per_subject
+from tqdm import tqdm
 
 PROTOCOLS = ("native", "loglikelihood")
 
@@ -123,7 +122,7 @@ def _summarize(task, records: list[dict], skipped: int) -> dict:
         "skipped": skipped,
         "subjects": {s: {"score": round(acc(rows), 4), "num": len(rows)} for s, rows in by_subject.items()},
     }
-    if records and "correct_norm" in records[0]:
+    if getattr(task, "REPORT_ACC_NORM", False) and records and "correct_norm" in records[0]:
         result["acc_norm"] = round(acc(records, "correct_norm"), 4)
         for s, rows in by_subject.items():
             result["subjects"][s]["acc_norm"] = round(acc(rows, "correct_norm"), 4)

@@ -47,8 +47,10 @@ def _torch_load(path: Path) -> dict:
     if not path.is_file():
         raise TrainError(f"{path}: rank file not found; the checkpoint is incomplete or its tp/pp differ from "
                          f"megatune.json")
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    # add_safe_globals, not the safe_globals() context manager: on exit that one removes what it added even when
+    # it was allow-listed before (megatune.convert allow-lists argparse.Namespace process-wide).
+    torch.serialization.add_safe_globals(_safe_globals())
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _coords() -> tuple[int, int, int, int]:

@@ -59,11 +59,9 @@ def _global_tokens(microbatches: list[dict], device: torch.device) -> int:
     from megatron.core import parallel_state as ps
 
     local = 0
-    for mb in microbatches:
-        n = mb.get("num_tokens")
-        if n is None:
-            n = int(mb["tokens"].numel())
-        local += int(n.sum()) if isinstance(n, torch.Tensor) else int(n)
+    for mb in microbatches:  # document_ids is -1 on padding
+        doc = mb.get("document_ids")
+        local += int((doc >= 0).sum()) if doc is not None else int(mb["tokens"].numel())
     if ps.get_data_parallel_world_size() == 1:
         return local
     t = torch.tensor([local], dtype=torch.int64, device=device)
@@ -88,7 +86,7 @@ def evaluate(run: Run) -> float | None:
 def save(run: Run, iteration: int) -> None:
     extra = {"iteration": iteration, "data_state": run.train_batches.state_dict()}
     run.logger.message(f"saving checkpoint at iteration {iteration} to {run.save_dir}")
-    with _slow_saves():
+    with _slow_saves(iteration):
         run.save_checkpoint(
             run.save_dir, iteration, run.model,
             None if run.save_only_model else run.optimizer,
@@ -97,18 +95,20 @@ def save(run: Run, iteration: int) -> None:
 
 
 @contextlib.contextmanager
-def _slow_saves():
-    """Test hook (MEGATUNE_TEST_SAVE_SLEEP=seconds): pause after every torch.save inside a checkpoint save, so a
+def _slow_saves(iteration: int):
+    """Test hook (MEGATUNE_TEST_SAVE_SLEEP=seconds[@iteration]): pause after every torch.save inside a checkpoint save, so a
     crash-safety test can SIGKILL the process while a checkpoint is half written."""
-    sleep = float(os.environ.get(SAVE_SLEEP_ENV, "0") or 0)
-    if sleep <= 0:
+    spec = os.environ.get(SAVE_SLEEP_ENV, "")
+    seconds, _, only_at = spec.partition("@")  # "30" every save, "30@10" only when saving iteration 10
+    sleep = float(seconds or 0)
+    if sleep <= 0 or (only_at and int(only_at) != iteration):
         yield
         return
     real_save = torch.save
 
     def save_then_sleep(*a, **k):
         real_save(*a, **k)
-        print(f"megatune-test: in checkpoint save, sleeping {sleep}s", flush=True)
+        print(f"megatune-test: in checkpoint save of iteration {iteration}, sleeping {sleep}s", flush=True)
         time.sleep(sleep)
 
     torch.save = save_then_sleep

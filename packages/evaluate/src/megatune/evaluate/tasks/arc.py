@@ -21,11 +21,18 @@ from pathlib import Path
 
 from megatune.evaluate.engine import UserError
 from megatune.evaluate.tasks.common import (
-    LETTERS, Example, choices_block, data_root, hub_or_fail, load_hub, read_jsonl,
+    LETTERS,
+    Example,
+    choices_block,
+    data_root,
+    hub_or_fail,
+    load_hub,
+    read_jsonl,
 )
 
 NAME, SPLIT, FEWSHOT_SPLIT, KIND = "arc", "test", "train", "choice"
 SUBJECT = "ARC-Challenge"
+REPORT_ACC_NORM = True  # choices are texts of different lengths; for single letters acc_norm == acc
 LAYOUT = ("ARC-Challenge-Test.jsonl (AI2: id, question.stem, question.choices[{text,label}], answerKey) "
           "or arc_challenge.jsonl (llm-foundry: query, choices, gold) + ARC-Challenge-Test.question-answers.jsonl")
 

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from megatune.evaluate.engine import UserError
 from megatune.evaluate.tasks.common import (
-    Example, choices_block, csv_subjects, data_root, hub_or_fail, load_hub, read_csv,
+    Example,
+    choices_block,
+    csv_subjects,
+    data_root,
+    hub_or_fail,
+    load_hub,
+    read_csv,
 )
 
 NAME, SPLIT, FEWSHOT_SPLIT, KIND = "ceval", "val", "dev", "choice"

@@ -13,9 +13,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from megatune.evaluate.engine import UserError
 
@@ -79,6 +81,12 @@ def offline_reason() -> str | None:
         import datasets  # noqa: F401
     except ImportError:
         return "`datasets` is not installed for a hub download (pip install datasets)"
+    # without a network `datasets` retries for half a minute and floods stderr; one quick connect decides instead
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError:
+        return f"the hub ({endpoint.hostname}) cannot be reached"
     return None
 
 

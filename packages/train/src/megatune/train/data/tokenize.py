@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 from datasets import Features, List, Value
 
 from .formats import add_system
@@ -102,14 +103,12 @@ class ChatTokenizer:
         return spans
 
     def _labels_from_offsets(self, ids, offsets, spans) -> list[int]:
-        labels = [IGNORE] * len(ids)
-        j = 0
-        for t, (start, _end) in enumerate(offsets):
-            while j < len(spans) and start >= spans[j][1]:
-                j += 1
-            if j < len(spans) and spans[j][0] <= start < spans[j][1]:
-                labels[t] = ids[t]
-        return labels
+        # A token belongs to the span its first character falls in (a token straddling the start is prompt).
+        starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+        inside = np.zeros(len(ids), dtype=bool)
+        for a, b in spans:
+            inside |= (starts >= a) & (starts < b)
+        return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
 
     def _encode_with_markers(self, messages, tools):
         out = self.tokenizer.apply_chat_template(

@@ -1,0 +1,113 @@
+"""The pt engine against plain forward passes of the same tiny model (fp32): scores, greediness, batching,
+deterministic generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatune.evaluate.engine import Sampling
+
+CONTEXTS = [
+    "Question: Which gas do plants take in?\nAnswer:",
+    "以下是中国关于计算机网络的单项选择题，请选出其中的正确答案。\n\nTCP端对端通信作用于____\nA. 主机之间\n答案：",
+    "The following are multiple choice questions (with answers) about algebra.\n\n2+2=?\nA. 3\nB. 4\nAnswer: ",
+    "Hi",
+]
+CONTINUATIONS = [" carbon dioxide", " A", "B", " there, how are you today?"]
+
+
+def reference(engine, context: str, continuation: str) -> tuple[float, bool]:
+    """One unpadded forward pass over context+continuation, tokenized as lm-evaluation-harness does."""
+    tok = engine.tokenizer
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx_len = len(tok(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logits = engine.model(input_ids=torch.tensor([whole])).logits[0]  # (T, V)
+    logprobs = torch.log_softmax(logits.double(), -1)
+    targets = torch.tensor(whole[ctx_len:])
+    rows = logprobs[ctx_len - 1:len(whole) - 1]  # row t predicts token t+1
+    return rows.gather(-1, targets[:, None]).sum().item(), bool((rows.argmax(-1) == targets).all())
+
+
+def test_loglikelihood_equals_forward_pass(engine):
+    requests = [(c, x) for c in CONTEXTS for x in CONTINUATIONS]
+    got = engine.loglikelihood(requests)
+    for (c, x), (lp, greedy) in zip(requests, got):
+        want_lp, want_greedy = reference(engine, c, x)
+        assert lp == pytest.approx(want_lp, abs=1e-4), (c, x)
+        assert greedy == want_greedy, (c, x)
+
+
+def test_is_greedy_true_exactly_for_the_argmax_token(engine):
+    context = "Question: What is 2+2?\nAnswer:"
+    ids = engine.encode(context)
+    with torch.no_grad():
+        ranked = engine.model(input_ids=torch.tensor([ids])).logits[0, -1].argsort(descending=True)
+    # pick top-1 and top-2 tokens whose text re-encodes to exactly that one token after the context
+    usable = []
+    for t in ranked[:50].tolist():
+        text = engine.tokenizer.decode([t])
+        if engine.encode(context + text)[len(ids):] == [t]:
+            usable.append((t, text))
+    assert usable and usable[0][0] == ranked[0].item(), "the top-1 token should round-trip through text"
+    (top, top_text), (_, other_text) = usable[0], usable[1]
+    (lp_top, g_top), (lp_other, g_other) = engine.loglikelihood([(context, top_text), (context, other_text)])
+    assert g_top and not g_other and lp_top > lp_other
+
+
+def test_batched_equals_unbatched(engine):
+    requests = [(c, x) for c in CONTEXTS for x in CONTINUATIONS]
+    batched = engine.loglikelihood(requests)
+    old = engine.batch_size
+    engine.batch_size = 1
+    try:
+        single = [engine.loglikelihood([r])[0] for r in requests]
+    finally:
+        engine.batch_size = old
+    for (a, ga), (b, gb) in zip(batched, single):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+
+
+def test_shared_inputs_are_scored_once_but_correctly(engine, monkeypatch):
+    """One-token answers to one question need one row; the result matches scoring each alone.
+    (" D" is two tokens in the tiny 1000-word vocabulary, so it would need its own row.)"""
+    context = CONTEXTS[0]
+    requests = [(context, f" {letter}") for letter in "ABC"]
+    assert all(len(engine.encode(context + x)) == len(engine.encode(context)) + 1 for _, x in requests)
+    calls = []
+    forward = engine.model.forward
+
+    def counting(*args, **kw):
+        calls.append(kw["input_ids"].shape[0])
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(engine.model, "forward", counting)
+    together = engine.loglikelihood(requests)
+    assert calls == [1]
+    for r, (lp, _) in zip(requests, together):
+        assert lp == pytest.approx(reference(engine, *r)[0], abs=1e-4)
+
+
+def test_generation_is_deterministic_and_batch_independent(engine):
+    prompts = [[{"role": "user", "content": "who are you?"}], "Question: 1+1?\nAnswer:",
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]]
+    sampling = Sampling(max_new_tokens=8)
+    first = engine.generate(prompts, sampling)
+    assert first == engine.generate(prompts, sampling)
+    assert first == [engine.generate([p], sampling)[0] for p in prompts]
+    assert all(isinstance(t, str) and t for t in first)
+
+
+def test_stream_matches_generate(engine):
+    messages = [{"role": "user", "content": "tell me a story"}]
+    sampling = Sampling(max_new_tokens=12)
+    assert "".join(engine.stream(messages, sampling)) == engine.generate([messages], sampling)[0]
+
+
+def test_sampling_with_seed_is_reproducible(engine):
+    sampling = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1)
+    assert engine.generate(["Hello"], sampling) == engine.generate(["Hello"], sampling)

@@ -1,0 +1,106 @@
+"""`megatune sft` — ms-swift's `swift sft --train_backend megatron` command line on megatron-core.
+
+    megatune sft --resume_from_checkpoint qwen2-7b-instruct-tp2-pp1 --dataset self-cognition#500 \
+                 --model_name 小黄 'Xiao Huang' --model_author 魔搭 ModelScope --max_length 2048 --output_dir output
+    NPROC_PER_NODE=4 megatune sft ... --tp 2     # re-launches itself under torchrun (launch.py)
+
+Flags are parsed (and rejected) before any process is spawned, so a typo costs one process, not N. Every
+user-fixable problem — bad flag (ArgumentError), bad data (DataError), bad checkpoint (ConvertError), bad
+parallel layout or run state (TrainError) — ends as ONE line `megatune sft: error: ...` on rank 0 and exit code 1
+(2 for flag errors, as argparse does). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from megatune.argmap import ArgumentError
+    from megatune.convert.errors import ConvertError
+    from megatune.train.data import DataError
+    from megatune.train.errors import TrainError
+
+    return (TrainError, ArgumentError, ConvertError, DataError)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    if _rank() == 0:
+        first = " ".join(str(message).split("\n")[0].split()) or "unknown error"
+        print(f"megatune sft: error: {first}", file=sys.stderr, flush=True)
+    return code
+
+
+def _quiet_libraries() -> None:
+    """megatron-core logs its config at INFO and warns about TE/apex on every import; users need neither."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+    # advice aimed at TE/CUDA setups (core_attn recompute, CUDA_DEVICE_MAX_CONNECTIONS, cuda graph scope)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core\..*")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    if _rank() != 0:
+        logging.getLogger("megatune").setLevel(logging.ERROR)
+
+
+def run(argv: list[str], *, progress: bool = True) -> dict:
+    """Parse, build and train in this process (already one rank of the job). Raises the user errors above."""
+    from megatune.argmap import parse_sft_args
+    from megatune.train import distributed, runtime, trainer
+
+    sft = parse_sft_args(argv)
+    try:
+        t0 = time.time()
+        run_state, info = runtime.build_run(sft, progress=progress)
+        run_state.logger.message(
+            f"megatune sft: {info['source_kind']} weights from {info['source']}; tp={info['tp']} pp={info['pp']} "
+            f"dp={info['dp']}; {info['train_rows']} train / {info['val_rows']} val rows; global batch "
+            f"{info['global_batch_size']}; iterations {info['start_iteration']}..{info['train_iters']}; "
+            f"run dir {info['run_dir']}")
+        try:
+            result = trainer.train(run_state)
+        finally:
+            run_state.logger.close()
+        run_state.logger.message(f"megatune sft: done in {time.time() - t0:.1f}s; checkpoint and logs in "
+                                 f"{info['run_dir']}")
+        return {**info, **result}
+    finally:
+        distributed.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from megatune.argmap import ArgumentError, parse_sft_args
+    from megatune.train import launch
+
+    try:
+        # validate before re-launching: a bad flag should fail once, before N processes start
+        parse_sft_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except ArgumentError as e:
+        return _fail(str(e), 2)
+    if launch.should_relaunch():
+        return launch.relaunch(argv)
+
+    _quiet_libraries()
+    try:
+        run(argv)
+    except _user_errors() as e:
+        return _fail(str(e), 2 if isinstance(e, ArgumentError) else 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Build a training run from SftArguments: processes, source weights, data, model, optimizer, run dir.
+
+Order matters and is the same on every rank (each step is deterministic, so all ranks fail or succeed together
+and nobody is left waiting in a collective): CPU mode -> process groups -> source checkpoint -> tokenizer + data
+-> Megatron arguments -> run dir (rank 0 picks it, broadcasts) -> model (+ weights) -> DDP -> optimizer ->
+scheduler -> resume state.
+
+Where the weights come from (ms-swift's Megatron workflow):
+- `--resume_from_checkpoint DIR`, a converted Megatron checkpoint: weights to start from (any tp/pp, resharded in
+  memory), iteration 0, a new run dir `output/{basename DIR}/v{N}-{time}`;
+- the same flag on a previous megatune run dir whose checkpoint holds optimizer state: the run continues
+  (iteration, optimizer, scheduler, RNG, data position) in a new version dir next to the old one;
+- `--model_id_or_path HF_DIR` (or a cached hub id): HF weights sharded on the fly.
+
+Precision on CPU: fp32 only (megatron-core's bf16/fp16 optimizer wrappers need CUDA); `--bf16 true`, which is
+also swift's default (dtype AUTO), falls back to fp32 with a warning rather than failing every CPU command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatune.train.errors import TrainError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Source:
+    path: Path
+    kind: str  # "hf" | "megatron" (weights only) | "run" (a megatune run dir to continue)
+    name: str  # the run dir's parent folder name under --output_dir
+    meta: dict  # megatune.json (or {"hf_config": config.json} for HF)
+
+
+def _is_run_dir(d: Path) -> bool:
+    """A megatune run dir whose checkpoint carries optimizer/scheduler/data state (not --save_only_model)."""
+    args = d / "args.json"
+    if not (args.is_file() and (d / "latest_checkpointed_iteration.txt").is_file()):
+        return False
+    try:
+        return not json.loads(args.read_text()).get("save_only_model", False)
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_source(sft) -> Source:
+    from megatune.convert import api
+    from megatune.convert.errors import ConvertError
+    from megatune.convert.registry import resolve_weights
+
+    resume = sft.resume_from_checkpoint
+    defaulted = bool(sft.model_type) and resume == f"{sft.model_type}-tp{sft.tp}-pp{sft.pp}"
+    if resume and Path(resume).expanduser().is_dir():
+        d = Path(resume).expanduser().resolve()
+        if not (d / "latest_checkpointed_iteration.txt").is_file():
+            raise TrainError(f"--resume_from_checkpoint {resume}: no latest_checkpointed_iteration.txt, not a Megatron "
+                             f"checkpoint; convert one with `megatune export --to_megatron true` or pass "
+                             f"--model_id_or_path for HF weights")
+        try:
+            meta = api.read_meta(d)
+        except ConvertError as e:
+            raise TrainError(str(e)) from None
+        if _is_run_dir(d):
+            return Source(d, "run", d.parent.name, meta)
+        return Source(d, "megatron", d.name, meta)
+    if resume and not (defaulted and sft.model_id_or_path):
+        raise TrainError(f"--resume_from_checkpoint {resume}: no such directory; convert the HF model first "
+                         f"(`megatune export --model_type {sft.model_type or 'T'} --to_megatron true --tp {sft.tp} "
+                         f"--pp {sft.pp}`) or pass --model_id_or_path HF_DIR")
+    if not sft.model_id_or_path and not sft.model_type:
+        raise TrainError("no weights to train: pass --resume_from_checkpoint MEGATRON_DIR or --model_id_or_path HF_DIR")
+    try:
+        d = resolve_weights(sft.model_type, sft.model_id_or_path).resolve()
+    except ConvertError as e:
+        raise TrainError(str(e)) from None
+    hf_config = json.loads((d / "config.json").read_text())
+    return Source(d, "hf", d.name, {"hf_config": hf_config, "model_type": sft.model_type or hf_config.get("model_type")})
+
+
+def check_parallel(hf_config: dict, tp: int, pp: int) -> None:
+    heads = int(hf_config["num_attention_heads"])
+    kv = int(hf_config.get("num_key_value_heads") or heads)
+    layers = int(hf_config["num_hidden_layers"])
+    if heads % tp or (kv % tp and tp % kv):
+        raise TrainError(f"--tp {tp} does not divide the model's {heads} attention heads / {kv} KV heads; "
+                         f"choose a tp that divides both (e.g. {math.gcd(heads, kv)})")
+    if pp > layers:
+        raise TrainError(f"--pp {pp} is more than the model's {layers} layers; choose pp <= {layers}")
+
+
+def cpu_precision(sft, cpu: bool) -> None:
+    """On CPU, bf16/fp16 fall back to fp32 (see module docstring)."""
+    if cpu and (sft.bf16 or sft.fp16):
+        log.warning("megatune sft: CPU mode trains in fp32 (megatron-core's %s optimizer needs CUDA); "
+                    "ignoring --%s true", "bf16" if sft.bf16 else "fp16", "bf16" if sft.bf16 else "fp16")
+        sft.bf16 = sft.fp16 = False
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # missing/corrupt tokenizer files: one line with the directory
+        raise TrainError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"the directory must hold tokenizer.json / tokenizer_config.json") from None
+
+
+def build_data(sft, tokenizer):
+    from megatune.train.data import DataConfig, DataError, build_datasets
+
+    cfg = DataConfig(dataset=list(sft.dataset), val_dataset=list(sft.val_dataset),
+                     dataset_test_ratio=sft.dataset_test_ratio,
+                     max_length=sft.max_length if sft.max_length > 0 else 1 << 20,
+                     truncation_strategy=sft.truncation_strategy, packing=sft.packing,
+                     skip_bad_rows=sft.skip_bad_rows, model_name=sft.model_name or None,
+                     model_author=sft.model_author or None, system=sft.system, seed=sft.seed,
+                     num_proc=sft.dataset_num_proc)
+    try:
+        train, val, stats = build_datasets(cfg, tokenizer)
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    if len(train) == 0:
+        raise TrainError("the training set is empty after filtering; raise --max_length or check --dataset")
+    return cfg, train, val, stats
+
+
+def batch_iterator(dataset, *, mbs: int, num_micro_batches: int, dist, seed: int, cfg, pad_id: int, epochs=None):
+    from megatune.train.data import BatchIterator
+
+    # sequence parallelism splits the sequence over TP ranks: lengths must divide by tp
+    multiple = 8 * dist.tp // math.gcd(8, dist.tp)
+    try:
+        return BatchIterator(dataset, micro_batch_size=mbs, num_micro_batches=num_micro_batches,
+                             dp_rank=dist.dp_rank, dp_size=dist.dp, seed=seed, pad_to_multiple_of=multiple,
+                             packing=cfg.packing, max_length=cfg.max_length, pad_token_id=pad_id, epochs=epochs)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def pick_run_dir(sft, source: Source, dist) -> Path:
+    """Rank 0 picks output/{name}/v{N}-{time} and checks it is writable; every rank gets the same answer."""
+    from megatune.train.rundir import check_writable, next_version_dir
+
+    answer: list[Any] = [None, None]
+    if dist.rank == 0:
+        run_dir = next_version_dir(sft.output_dir, source.name)
+        answer = [str(run_dir), check_writable(run_dir)]
+    if dist.world_size > 1:
+        torch.distributed.broadcast_object_list(answer, src=0)
+    if answer[1]:
+        raise TrainError(f"--output_dir: {answer[1]}; pass a writable --output_dir")
+    return Path(answer[0])
+
+
+def wrap_model(chunks: list, margs, *, cpu: bool) -> list:
+    """megatron-core DDP over each chunk (Float16Module first for bf16/fp16, as Megatron-LM does)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    config = chunks[0].config
+    # mean over the loss tokens of the whole global batch: see steps.py
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
+    if margs.bf16 or margs.fp16:
+        chunks = [Float16Module(config, c) for c in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, average_in_collective=False,
+        use_distributed_optimizer=bool(margs.use_distributed_optimizer) and not cpu)
+    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)]
+
+
+def forward_kwargs_for(packing: bool):
+    """GPTModel kwargs per micro-batch: document ids as the attention mask when packed (spec.py's interface)."""
+    from megatune.train.spec import document_mask
+
+    if packing:
+        return lambda batch: {"attention_mask": document_mask(batch["document_ids"])}
+    # unpacked rows are right-padded: plain causal attention never lets a real token see padding
+    return lambda batch: {"attention_mask": None}
+
+
+def build_run(sft, *, progress: bool = True):
+    """Everything `trainer.train` needs, for this rank. Returns (Run, info dict for the CLI summary)."""
+    from megatune.argmap.mapping import to_megatron
+    from megatune.train import checkpoint, cpu_mode, distributed, model, optim, steps
+    from megatune.train.rundir import RunLogger
+    from megatune.train.trainer import Run
+
+    cpu = cpu_mode.enable()
+    cpu_precision(sft, cpu)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % (sft.tp * sft.pp):
+        raise TrainError(f"--tp {sft.tp} x --pp {sft.pp} = {sft.tp * sft.pp} does not divide the world size "
+                         f"{world_size}; launch a multiple of {sft.tp * sft.pp} processes (NPROC_PER_NODE x NNODES)")
+    source = resolve_source(sft)
+    hf_config = source.meta["hf_config"]
+    check_parallel(hf_config, sft.tp, sft.pp)
+    dist = distributed.init_distributed(sft.tp, sft.pp, seed=sft.seed)
+
+    tokenizer = load_tokenizer(source.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data_cfg, train_ds, val_ds, stats = build_data(sft, tokenizer)
+    margs = to_megatron(sft, world_size=dist.world_size, train_len=len(train_ds), val_len=len(val_ds))
+    gbs, mbs = int(margs.global_batch_size), int(margs.micro_batch_size)
+    num_micro = gbs // (mbs * dist.dp)
+    train_batches = batch_iterator(train_ds, mbs=mbs, num_micro_batches=num_micro, dist=dist, seed=sft.seed,
+                                   cfg=data_cfg, pad_id=pad_id)
+    if data_cfg.packing and sft.max_steps <= 0:  # iterations count packed rows, not samples
+        margs = to_megatron(sft, world_size=dist.world_size, train_len=train_batches.num_units, val_len=len(val_ds))
+
+    make_val = None
+    val_micro = min(num_micro, len(val_ds) // (mbs * dist.dp)) if len(val_ds) else 0
+    if val_micro > 0:
+        # the validation set may be smaller than a training global batch: shrink accumulation, keep mbs and DP
+        def make_val():
+            return batch_iterator(val_ds, mbs=mbs, num_micro_batches=val_micro, dist=dist, seed=sft.seed,
+                                  cfg=data_cfg, pad_id=pad_id, epochs=1)
+
+    run_dir = pick_run_dir(sft, source, dist)
+    margs.save, margs.load = str(run_dir), str(source.path)
+    margs.tensorboard_dir = sft.logging_dir or str(run_dir / "runs")
+
+    params_dtype = torch.bfloat16 if margs.bf16 else (torch.float16 if margs.fp16 else torch.float32)
+    chunks = model.build_model(source.meta if source.kind != "hf" else hf_config, tp=sft.tp, pp=sft.pp,
+                               params_dtype=params_dtype, sequence_parallel=sft.sequence_parallel,
+                               recompute_granularity=margs.recompute_granularity,
+                               spec="native" if data_cfg.packing else "auto", seq_length=data_cfg.max_length)
+    checkpoint.load_pretrained(chunks, source.path)
+    ddp_chunks = wrap_model(chunks, margs, cpu=cpu)
+    note = log.warning if dist.rank == 0 else log.debug
+    optimizer = optim.build_optimizer(ddp_chunks, margs, cpu=cpu, note=note)
+    scheduler = optim.build_scheduler(optimizer, margs)
+
+    start = 0
+    if source.kind == "run":
+        state = checkpoint.load_checkpoint(source.path, ddp_chunks, optimizer, scheduler)
+        start = int(state["iteration"])
+        data_state = state["extra"].get("data_state")
+        if data_state is None:
+            raise TrainError(f"{source.path}: checkpoint has no data position; it was not written by megatune sft")
+        try:
+            train_batches.load_state_dict(data_state)
+        except ValueError as e:
+            raise TrainError(f"{source.path}: {e}") from None
+        if start >= int(margs.train_iters):
+            raise TrainError(f"{source.path}: already at iteration {start} of {margs.train_iters}; raise --max_steps "
+                             f"or --num_train_epochs to train further")
+
+    meta = dict(source.meta)
+    meta.setdefault("model_type", hf_config.get("model_type"))
+
+    def save(ckpt_dir, iteration, model_chunks, optimizer, scheduler, extra):
+        return checkpoint.save_checkpoint(ckpt_dir, iteration, model_chunks, optimizer=optimizer,
+                                          scheduler=scheduler, extra=extra, meta=meta,
+                                          save_optim=not sft.save_only_model, save_rng=not sft.save_only_model,
+                                          tokenizer_dir=source.path)
+
+    logger = RunLogger(run_dir, total_steps=int(margs.train_iters), start_step=start,
+                       logging_dir=margs.tensorboard_dir, enabled=dist.rank == 0, progress=progress)
+    logger.write_args(sft, margs, {"source": {"path": str(source.path), "kind": source.kind},
+                                   "data": {k: v for k, v in stats.items() if isinstance(v, (int, float))},
+                                   "cpu_mode": cpu, "start_iteration": start})
+    run = Run(args=margs, model=ddp_chunks, optimizer=optimizer, scheduler=scheduler, train_batches=train_batches,
+              make_val_batches=make_val, forward_step=steps.make_forward_step(forward_kwargs_for(data_cfg.packing)),
+              logger=logger, save_dir=str(run_dir), save_checkpoint=save, device=dist.device,
+              world_size=dist.world_size, hf_config=hf_config, params_dtype=params_dtype, start_iteration=start,
+              save_only_model=sft.save_only_model, is_rank0=dist.rank == 0)
+    info = {"run_dir": str(run_dir), "source": str(source.path), "source_kind": source.kind, "tp": dist.tp,
+            "pp": dist.pp, "dp": dist.dp, "train_iters": int(margs.train_iters), "start_iteration": start,
+            "global_batch_size": gbs, "train_rows": len(train_ds), "val_rows": len(val_ds)}
+    return run, info
