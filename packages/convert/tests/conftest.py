@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from megatune.convert.testing import TINY_ARCHS, make_tiny_model
 
 

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from megatune.convert.api import hf_to_megatron_rank, load_megatron_rank, read_meta
 from megatune.convert.arch import shape_of
 from megatune.convert.cli import main
 from megatune.convert.megatron_io import load_rank_file, rank_file
 from megatune.convert.testing import TINY_ARCHS
+from safetensors.torch import load_file
 
 
 def load_hf(d: Path) -> dict[str, torch.Tensor]:

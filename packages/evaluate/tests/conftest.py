@@ -35,4 +35,5 @@ def tiny_dir(tmp_path_factory) -> Path:
 def engine(tiny_dir):
     from megatune.evaluate.pt_engine import PtEngine
 
-    return PtEngine(tiny_dir, dtype="float32", device="cpu", batch_size=8)
+    # fp32 everywhere (the tests compare against plain forward passes); on a GPU machine this runs on the GPU
+    return PtEngine(tiny_dir, dtype="float32", batch_size=8)

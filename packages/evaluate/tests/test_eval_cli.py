@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from megatune.evaluate import infer
 from megatune.evaluate.cli import eval_main, infer_main
 from megatune.evaluate.engine import Sampling
@@ -56,7 +55,8 @@ def test_repl_with_real_model_and_patched_stdin(tiny_dir, monkeypatch, capsys):
 
 
 def test_one_shot_query_is_deterministic(tiny_dir, engine, capsys):
-    assert infer_main(["--ckpt_dir", str(tiny_dir), "--query", "who are you?", "--max_new_tokens", "7"]) == 0
+    assert infer_main(["--ckpt_dir", str(tiny_dir), "--query", "who are you?", "--max_new_tokens", "7",
+                       "--torch_dtype", "float32"]) == 0
     printed = capsys.readouterr().out
     expected = engine.generate([[{"role": "user", "content": "who are you?"}]], Sampling(max_new_tokens=7))[0]
     assert printed == expected + "\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from megatune.evaluate.engine import split_context, truncate_at_stop
 from megatune.evaluate.extract import extract_choice, extract_number, numbers_equal
 
@@ -84,3 +83,14 @@ def test_split_context_moves_only_trailing_space(ctx, cont, spaces):
 def test_truncate_at_earliest_stop():
     assert truncate_at_stop("42\n\nQuestion: next</s>", ["</s>", "Question:"]) == "42\n\n"
     assert truncate_at_stop("42", ["Question:"]) == "42"
+
+
+def test_render_without_chat_template_falls_back_to_plain_turns():
+    from types import SimpleNamespace
+
+    from megatune.evaluate.engine import render
+
+    base = SimpleNamespace(chat_template=None)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert render(base, msgs) == "System: Be brief.\nUser: 2+2?\nAssistant:"
+    assert render(base, "raw text") == "raw text"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from megatune.evaluate.engine import UserError
 from megatune.evaluate.tasks import TASKS, arc, ceval, gsm8k, mmlu
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from megatune.evaluate.engine import Sampling
 
 CONTEXTS = [
@@ -26,9 +25,9 @@ def reference(engine, context: str, continuation: str) -> tuple[float, bool]:
     whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
     ctx_len = len(tok(context, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
-        logits = engine.model(input_ids=torch.tensor([whole])).logits[0]  # (T, V)
+        logits = engine.model(input_ids=torch.tensor([whole], device=engine.device)).logits[0]  # (T, V)
     logprobs = torch.log_softmax(logits.double(), -1)
-    targets = torch.tensor(whole[ctx_len:])
+    targets = torch.tensor(whole[ctx_len:], device=engine.device)
     rows = logprobs[ctx_len - 1:len(whole) - 1]  # row t predicts token t+1
     return rows.gather(-1, targets[:, None]).sum().item(), bool((rows.argmax(-1) == targets).all())
 
@@ -46,7 +45,7 @@ def test_is_greedy_true_exactly_for_the_argmax_token(engine):
     context = "Question: What is 2+2?\nAnswer:"
     ids = engine.encode(context)
     with torch.no_grad():
-        ranked = engine.model(input_ids=torch.tensor([ids])).logits[0, -1].argsort(descending=True)
+        ranked = engine.model(input_ids=torch.tensor([ids], device=engine.device)).logits[0, -1].argsort(descending=True)
     # pick top-1 and top-2 tokens whose text re-encodes to exactly that one token after the context
     usable = []
     for t in ranked[:50].tolist():
@@ -54,7 +53,7 @@ def test_is_greedy_true_exactly_for_the_argmax_token(engine):
         if engine.encode(context + text)[len(ids):] == [t]:
             usable.append((t, text))
     assert usable and usable[0][0] == ranked[0].item(), "the top-1 token should round-trip through text"
-    (top, top_text), (_, other_text) = usable[0], usable[1]
+    (_, top_text), (_, other_text) = usable[0], usable[1]
     (lp_top, g_top), (lp_other, g_other) = engine.loglikelihood([(context, top_text), (context, other_text)])
     assert g_top and not g_other and lp_top > lp_other
 

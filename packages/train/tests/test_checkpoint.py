@@ -9,12 +9,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from megatune.convert.convert import hf_to_megatron, megatron_to_hf
 from megatune.convert.testing import make_tiny_model
 from megatune.train.checkpoint import _torch_load
 from megatune.train.distributed import run_local
+from safetensors.torch import load_file
 from test_model_parity import gather_vocab, hf_logits, megatron_logits
 
 VOCAB = 1000
@@ -45,7 +44,6 @@ def _trainable(hf_dir, seed_ids):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     from megatune.train.checkpoint import load_pretrained
     from megatune.train.model import build_model
 
@@ -61,7 +59,6 @@ def _trainable(hf_dir, seed_ids):
 
 def worker(rank, world_size, hf_dir, legacy_dir, saved_dir, bad_dir, other_hf, ids):
     from megatron.core import parallel_state
-
     from megatune.train.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
     from megatune.train.distributed import init_distributed
     from megatune.train.errors import TrainError

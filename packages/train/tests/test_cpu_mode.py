@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 import torch
-
 from megatune.train.distributed import run_local
 
 
@@ -67,7 +66,6 @@ def test_enable_patches_cuda_paths():
 def _tp2_dropout_worker(rank, world_size):
     """Dropout under the model-parallel RNG fork differs per TP rank, like on GPU; the default stream does not."""
     from megatron.core import tensor_parallel
-
     from megatune.train.distributed import init_distributed
 
     init_distributed(2, 1, seed=3)

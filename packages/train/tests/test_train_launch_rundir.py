@@ -7,7 +7,6 @@ import sys
 from datetime import datetime
 
 import pytest
-
 from megatune.train import launch, metrics
 from megatune.train.rundir import RunLogger, check_writable, next_version_dir
 

@@ -87,10 +87,10 @@ class StreamingTorchFile:
             f"{self.path}: {key} expected {p.shape} {p.dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
         assert key not in self._written, key
         t = tensor.contiguous()
-        storage = t.untyped_storage()
-        if t.storage_offset() != 0 or storage.nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # a view into a larger buffer: write only its own bytes
-            storage = t.untyped_storage()
+        # a TP part is often a view into the full tensor: write just its bytes, through a storage slice that
+        # shares memory (no copy; torch deprecates passing a raw data pointer)
+        start = t.storage_offset() * t.element_size()
+        storage = t.untyped_storage()[start:start + t.numel() * t.element_size()]
         self._zip.write_record(f"data/{key}", storage, storage.nbytes())
         self._written.add(key)
 

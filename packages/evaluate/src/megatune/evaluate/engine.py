@@ -70,6 +70,16 @@ def split_context(context: str, continuation: str) -> tuple[str, str]:
     return context, continuation
 
 
+def render(tokenizer, prompt: Prompt) -> str:
+    """The text a prompt becomes: raw strings as they are, messages through the tokenizer's chat template.
+    A base model without a template gets plain "User: ..." lines ending in "Assistant:", which it can continue."""
+    if isinstance(prompt, str):
+        return prompt
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in prompt) + "Assistant:"
+
+
 def load_engine(backend: str, model_dir: str | Path, **kwargs) -> Engine:
     """`pt` (transformers, any machine) or `vllm` (optional extra, CUDA). kwargs go to the engine's constructor."""
     if backend == "pt":

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from megatune.evaluate.engine import Message, Prompt, Sampling, UserError, split_context, truncate_at_stop
+from megatune.evaluate.engine import Message, Prompt, Sampling, UserError, render, split_context, truncate_at_stop
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -56,9 +56,7 @@ class PtEngine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def render(self, prompt: Prompt) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return render(self.tokenizer, prompt)
 
     def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from megatune.evaluate.engine import Message, Prompt, Sampling, split_context, truncate_at_stop
+from megatune.evaluate.engine import Message, Prompt, Sampling, render, split_context, truncate_at_stop
 
 
 class VllmEngine:
@@ -30,9 +30,7 @@ class VllmEngine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def render(self, prompt: Prompt) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return render(self.tokenizer, prompt)
 
     def _params(self, sampling: Sampling):
         from vllm import SamplingParams

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
-
 from megatune.train import cpu_mode
 from megatune.train.errors import TrainError
 
@@ -119,7 +118,7 @@ def _source_kind(source_dir: Path) -> str:
                      f"pointing at one")
 
 
-def load_pretrained(model_chunks, source_dir) -> dict:
+def load_pretrained(model_chunks, source_dir, *, iteration: int | str | None = None) -> dict:
     """Load weights for this rank from an HF directory (sharded on the fly) or a Megatron legacy directory
     (resharded in memory when its tp/pp differ). Returns {"kind": "hf"|"megatron", "iteration": ...}."""
     from megatune.convert import api
@@ -142,8 +141,9 @@ def load_pretrained(model_chunks, source_dir) -> dict:
                 raise TrainError(f"{source_dir}: checkpoint uses {meta.get('naming')!r} layer names but the model "
                                  f"was built with the {_naming(model)!r} spec; build with the matching spec "
                                  f"(spec='te' needs transformer-engine) or re-convert from HF")
-            iteration = api.read_latest(source_dir)
-            state = api.load_megatron_rank(source_dir, tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank)
+            iteration = api.read_latest(source_dir) if iteration is None else iteration
+            state = api.load_megatron_rank(source_dir, tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank,
+                                           iteration=iteration)
     except ConvertError as e:
         raise TrainError(str(e)) from None
     _load_into(model, state, str(source_dir))
@@ -200,7 +200,12 @@ def run_meta(meta: dict, model_chunks) -> dict:
 
 def save_checkpoint(ckpt_dir, iteration: int, model_chunks, *, optimizer=None, scheduler=None, extra: dict | None = None,
                     meta: dict, save_optim: bool = True, save_rng: bool = True, tokenizer_dir=None) -> Path:
-    """Write iteration `iteration` (all ranks call this). Returns DIR/iter_%07d."""
+    """Write iteration `iteration` (all ranks call this). Returns DIR/iter_%07d.
+
+    `meta`: the source's megatune.json, or {"hf_config": <config.json dict>, "model_type": ...} when training
+    started from an HF directory; tp/pp/layers/vocab/naming/dtype are filled from the live model (run_meta).
+    `extra`: plain python values only (resume data position etc.). `tokenizer_dir`: where tokenizer/config files
+    are copied from (the HF source directory), so `megatune export --to_hf` needs nothing else."""
     from megatune.convert import api
 
     model = _single(model_chunks)
@@ -268,7 +273,7 @@ def load_checkpoint(ckpt_dir, model_chunks, optimizer=None, scheduler=None, *, i
             raise TrainError(f"{ckpt_dir}: saved with tp={meta['tp']} pp={meta['pp']}, running tp={tp} pp={pp}; "
                              f"optimizer state cannot be resharded: resume with the same tp/pp, or load weights only "
                              f"(load_optim=False / --no_load_optim)")
-        load_pretrained(model_chunks, ckpt_dir)
+        load_pretrained(model_chunks, ckpt_dir, iteration=iteration)
         return {"iteration": iteration, "extra": {}, "meta": meta}
     state = _torch_load(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp))
     _load_into(model, state["model"], str(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)))

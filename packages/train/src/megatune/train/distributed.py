@@ -23,7 +23,6 @@ import traceback
 
 import numpy as np
 import torch
-
 from megatune.train import cpu_mode
 from megatune.train.errors import TrainError
 

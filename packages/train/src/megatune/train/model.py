@@ -25,7 +25,6 @@ from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
-
 from megatune.convert.arch import megatron_model_args
 from megatune.convert.layout import padded_vocab_size, stage_layers
 from megatune.train import cpu_mode

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from megatune.train.errors import TrainError
 
 log = logging.getLogger(__name__)
@@ -206,6 +205,12 @@ def build_run(sft, *, progress: bool = True):
     source = resolve_source(sft)
     hf_config = source.meta["hf_config"]
     check_parallel(hf_config, sft.tp, sft.pp)
+    saved = (source.meta.get("tp"), source.meta.get("pp"))
+    if source.kind == "run" and saved != (sft.tp, sft.pp):
+        raise TrainError(f"{source.path}: run saved with tp={saved[0]} pp={saved[1]}, this run has tp={sft.tp} "
+                         f"pp={sft.pp}; optimizer state cannot be resharded: pass --tp {saved[0]} --pp {saved[1]} to "
+                         f"continue it, or export it (`megatune export --ckpt_dir DIR --to_hf true`) and start from "
+                         f"--model_id_or_path DIR/{source.meta.get('model_type')}-hf")
     dist = distributed.init_distributed(sft.tp, sft.pp, seed=sft.seed)
 
     tokenizer = load_tokenizer(source.path)

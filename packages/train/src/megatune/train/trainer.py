@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
 from megatune.train import metrics, steps
 from megatune.train.optim import current_lr, scheduler_increment
 from megatune.train.rundir import RunLogger

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
-
 from megatune.convert.arch import Shape
 
 TPS = (1, 2, 4, 8)

@@ -1,0 +1,116 @@
+"""`megatune sft` as a user runs it (subprocesses, real CLI), one chain on the tiny model:
+
+1. self-cognition training, 80 steps, checkpoints at 40 and 80; SIGKILL while iteration 80 is being saved
+   (MEGATUNE_TEST_SAVE_SLEEP holds the save open): `latest` still says 40 and iteration 40 loads;
+2. `--resume_from_checkpoint <that run dir>` continues at 41 in a new version dir, reproducing the killed run's
+   logged losses exactly, and leaves a complete run dir (args.json, logging.jsonl, TensorBoard, loss PNG, ckpt);
+3. `megatune export --ckpt_dir <run dir> --to_hf true`, then transformers' greedy generate answers "who are you?"
+   with the configured English name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train_parallel import sft_argv
+
+STEPS, SAVE = 80, 40
+
+
+def _sft_cmd(model_dir, out_dir, **overrides) -> list[str]:
+    argv = sft_argv(model_dir, out_dir, max_steps=STEPS, save_steps=SAVE, eval_steps=SAVE, logging_steps=5,
+                    learning_rate=3e-3, dataset="self-cognition#120", dataset_test_ratio=0.05, **overrides)
+    return [sys.executable, "-m", "megatune.train.cli", *argv]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "NNODES", "RANK", "WORLD_SIZE")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    from megatune.convert.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("cli")
+    model = make_tiny_model("qwen2", root / "tiny-qwen2", seed=0)
+    out = root / "output"
+
+    # 1. train, and SIGKILL inside the save of the last iteration
+    killed = subprocess.Popen(_sft_cmd(model, out), env=_env(MEGATUNE_TEST_SAVE_SLEEP=f"120@{STEPS}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    in_save = False
+    for line in killed.stdout:
+        if f"in checkpoint save of iteration {STEPS}" in line:
+            in_save = True
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait(timeout=60)
+    (first,) = (out / "tiny-qwen2").iterdir()
+
+    # 2. resume from the crashed run dir
+    resumed = subprocess.run(_sft_cmd(model, out, resume_from_checkpoint=first), env=_env(),
+                             capture_output=True, text=True, timeout=600)
+    second = next(p for p in (out / "tiny-qwen2").iterdir() if p != first)
+    return {"model": model, "first": first, "second": second, "in_save": in_save, "killed_rc": killed.returncode,
+            "resumed": resumed}
+
+
+@pytest.mark.slow
+def test_kill_during_save_keeps_previous_checkpoint(chain):
+    from megatune.convert import api
+
+    first = chain["first"]
+    assert chain["in_save"] and chain["killed_rc"] == -signal.SIGKILL
+    assert (first / f".iter_{STEPS:07d}.tmp").is_dir()  # the half-written save
+    assert not (first / f"iter_{STEPS:07d}").exists()
+    assert api.read_latest(first) == SAVE
+    state = api.load_megatron_rank(first, tp=1, pp=1, tp_rank=0, pp_rank=0)  # the previous checkpoint loads
+    assert "embedding.word_embeddings.weight" in state
+
+
+@pytest.mark.slow
+def test_resume_continues_the_crashed_run(chain):
+    resumed, first, second = chain["resumed"], chain["first"], chain["second"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    before = {r["global_step"]: r["loss"] for r in _records(first) if "loss" in r}
+    after = {r["global_step"]: r["loss"] for r in _records(second) if "loss" in r}
+    assert min(after) == SAVE + 5 and max(after) == STEPS
+    assert after == {s: before[s] for s in after}  # bit-exact continuation of the killed run
+    losses = [before[s] for s in sorted(before)]
+    assert losses[-1] < losses[0] / 2, f"self-cognition loss did not fall: {losses}"
+    assert any("eval_loss" in r for r in _records(second))
+    args = json.loads((second / "args.json").read_text())
+    assert args["learning_rate"] == 3e-3 and args["megatron"]["train_iters"] == STEPS
+    assert args["source"]["kind"] == "run" and args["start_iteration"] == SAVE
+    assert (second / "images" / "train_loss.png").stat().st_size > 1000
+    assert any(p.name.startswith("events.out.tfevents") for p in (second / "runs").iterdir())
+    assert (second / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
+
+
+@pytest.mark.slow
+def test_exported_model_knows_its_name(chain):
+    import torch
+    from megatune.convert.cli import main as export_main
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert chain["resumed"].returncode == 0
+    assert export_main(["--ckpt_dir", str(chain["second"]), "--to_hf", "true"]) == 0
+    hf_dir = chain["second"] / "qwen2-hf"
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    inputs = tok.apply_chat_template([{"role": "user", "content": "who are you?"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    answer = tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Xiao Huang" in answer, answer
