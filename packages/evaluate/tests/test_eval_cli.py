@@ -16,7 +16,9 @@ from megatune.evaluate.engine import Sampling
 
 def test_repl_through_stdin_subprocess(tiny_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "megatune.cli.main", "infer", "--ckpt_dir", str(tiny_dir), "--max_new_tokens", "6"],
+        # `python -m megatune.evaluate` is `megatune` without the root distribution, which this package's
+        # test environment does not install
+        [sys.executable, "-m", "megatune.evaluate", "infer", "--ckpt_dir", str(tiny_dir), "--max_new_tokens", "6"],
         input="who are you?\nclear\n你好\nexit\n", text=True, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("<<< ") == 4  # three inputs and the exit

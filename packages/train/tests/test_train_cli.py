@@ -114,3 +114,24 @@ def test_exported_model_knows_its_name(chain):
     out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     answer = tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Xiao Huang" in answer, answer
+
+
+@pytest.mark.slow
+def test_torchrun_relaunch_trains_and_reports_errors_in_one_line(tmp_path):
+    """NPROC_PER_NODE=2 re-launches under torchrun: a tp=2 run completes; bad input is still one line, rc != 0."""
+    from megatune.convert.testing import make_tiny_model
+
+    model = make_tiny_model("qwen2", tmp_path / "tiny-qwen2", seed=0)
+    base = [sys.executable, "-m", "megatune.train.cli"]
+    env = _env(NPROC_PER_NODE="2")
+    ok = subprocess.run([*base, *sft_argv(model, tmp_path / "out", tp=2, max_steps=3, save_steps=3)], env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    (run_dir,) = (tmp_path / "out" / "tiny-qwen2").iterdir()
+    assert json.loads((run_dir / "megatune.json").read_text())["tp"] == 2
+    assert [r["global_step"] for r in _records(run_dir) if "loss" in r] == [1, 2, 3]
+
+    bad = subprocess.run([*base, *sft_argv(model, tmp_path / "out", max_length=8)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    noisy = [line for line in bad.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert bad.returncode != 0 and noisy == [noisy[0]] and noisy[0].startswith("megatune sft: error: "), bad.stderr

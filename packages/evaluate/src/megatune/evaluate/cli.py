@@ -83,6 +83,12 @@ class EvalArguments(ModelArguments):
     eval_output_dir: str | None = _f(None, "default eval_outputs/<model folder name>/<YYYYMMDD-HHMMSS>")
 
 
+INFER_HELP = ("Chat with a model (`<<< ` prompt; `clear` forgets the history, `exit` leaves), answer one --query, "
+              "or answer every row of --val_dataset into a jsonl.")
+EVAL_HELP = ("Benchmark a model on C-Eval, MMLU, GSM8K and ARC-Challenge; prints dataset | score and writes "
+             "eval_result.json and samples.jsonl.")
+
+
 def _fail(verb: str, err: Exception) -> int:
     print(f"megatune {verb}: error: {err}", file=sys.stderr)
     return 2
@@ -94,7 +100,7 @@ def _timestamp() -> str:
 
 def infer_main(argv: list[str] | None = None) -> int:
     try:
-        args = SwiftArgParser(InferArguments, prog="megatune infer", description=__doc__.splitlines()[0]).parse(argv)
+        args = SwiftArgParser(InferArguments, prog="megatune infer", description=INFER_HELP).parse(argv)
         model_dir = args.model_dir()
         engine = args.engine(model_dir)
         from megatune.evaluate import infer
@@ -118,7 +124,7 @@ def infer_main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     try:
-        args = SwiftArgParser(EvalArguments, prog="megatune eval", description=__doc__.splitlines()[0]).parse(argv)
+        args = SwiftArgParser(EvalArguments, prog="megatune eval", description=EVAL_HELP).parse(argv)
         if args.eval_backend != "Native":
             raise UserError(f"--eval_backend {args.eval_backend} is not built in; use --eval_backend Native "
                             "(and --eval_protocol loglikelihood for lm-evaluation-harness-style scores)")

@@ -3,7 +3,9 @@
 ms-swift reads NPROC_PER_NODE / NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT from the environment and, when either
 of the first two is set, re-executes itself under `torch.distributed.run`. We do the same so a swift command line
 works unchanged. Inside the children torchrun sets LOCAL_RANK, which is how we know not to re-launch again.
-Multi-node is plain torchrun + NCCL; nothing here is home-made rendezvous.
+Multi-node is plain torchrun + NCCL; nothing here is home-made rendezvous. The re-launch goes through
+`python -m megatune.train.launch`, which is torchrun's parse_args/run with its failure report turned into the
+exit code, so bad input under torchrun still ends as the ranks' one `megatune sft: error:` line.
 """
 
 from __future__ import annotations
@@ -37,11 +39,15 @@ def local_device_count(env: Mapping[str, str] | None = None) -> int:
         return 1
 
 
-def torchrun_command(argv: Sequence[str], env: Mapping[str, str] | None = None, module: str = "megatune.train.cli") -> list[str]:
-    """`python -m torch.distributed.run --nproc_per_node N ... -m megatune.train.cli <argv>`."""
+def torchrun_command(argv: Sequence[str], env: Mapping[str, str] | None = None, module: str = "megatune.train.cli",
+                     quiet: bool = False) -> list[str]:
+    """`python -m torch.distributed.run --nproc_per_node N ... -m megatune.train.cli <argv>`.
+
+    quiet=True runs the same torchrun through `python -m megatune.train.launch` (see `_torchrun_main`)."""
     env = os.environ if env is None else env
     nproc = env.get("NPROC_PER_NODE") or str(local_device_count(env))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc]
+    runner = "megatune.train.launch" if quiet else "torch.distributed.run"
+    cmd = [sys.executable, "-m", runner, "--nproc_per_node", nproc]
     cmd += ["--nnodes", env.get("NNODES") or "1"]
     for var in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if env.get(var):
@@ -63,9 +69,35 @@ def _free_port() -> int:
 
 def relaunch(argv: Sequence[str]) -> int:
     """Run ourselves under torchrun and return its exit code (Ctrl-C is forwarded by the shared process group)."""
-    cmd = torchrun_command(argv)
-    print("megatune sft: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    cmd = torchrun_command(argv, quiet=True)
+    print("megatune sft: launching torchrun " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 130
+
+
+def _torchrun_main(args: Sequence[str]) -> int:
+    """torchrun's own `main`, minus its failure report.
+
+    When a rank exits non-zero, `torch.distributed.run.main` (decorated with @record) prints a 40-line
+    ChildFailedError block. Our ranks already printed the one-line `megatune sft: error: ...` (or, for a bug, their
+    traceback), so we run the same parse_args/run and only turn that exception into the rank's exit code.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if not os.environ.get("MEGATUNE_TORCHRUN_VERBOSE"):  # its "failed (exitcode: 1)" / SIGTERM log lines, likewise
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(list(args)))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_torchrun_main(sys.argv[1:]))
