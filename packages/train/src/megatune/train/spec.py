@@ -21,9 +21,10 @@ Document masking (packed sequences) -- the interface for the training loop:
       * a bool tensor [b or 1, 1, s, s]   -> megatron-core convention, True = masked out.
     It is a plain tensor (not a custom object) so it passes through megatron-core's pipeline schedules and
     activation recomputation unchanged. On GPU, document ids use flex_attention with a BlockMask (no S x S float
-    mask); on CPU an explicit boolean [b, 1, s, s] mask is built. Padding tokens may carry any id (give them
-    their own, e.g. -1); every token attends at least to itself, so no row is fully masked.
-    With the Transformer Engine spec document ids are not supported (TE needs packed_seq_params): see model.py.
+    mask; needs head_dim >= 16 and no attention dropout); otherwise an explicit boolean [b, 1, s, s] mask is
+    built. Padding tokens may carry any id (give them their own, e.g. -1); every token attends at least to
+    itself, so no row is fully masked. With the Transformer Engine spec document ids are not supported (TE needs
+    packed_seq_params).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class SDPAttention(MegatronModule):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
                                                      scale=self.softmax_scale, enable_gqa=gqa)
             elif attention_mask.dtype != torch.bool:  # document ids [b, s]
-                if attention_mask.is_cuda and dropout_p == 0.0:
+                # flex_attention needs head_dim >= 16 and has no dropout; otherwise an explicit bool mask
+                if attention_mask.is_cuda and dropout_p == 0.0 and q.shape[-1] >= 16:
                     out = _flex_attention(q, k, v, _flex_block_mask(attention_mask, q.shape[1]), self.softmax_scale)
                 else:
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=_block_causal_bool(attention_mask)[:, None],
