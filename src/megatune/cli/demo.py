@@ -34,7 +34,8 @@ class Step:
 
     def run(self, title: str, argv: list[str], env: dict | None = None, stdin: str | None = None) -> str:
         self.index += 1
-        shown = " ".join(shlex.quote(a) for a in argv)
+        # shown as the user would type it: `megatune ...` rather than `python -m megatune.cli.main ...`
+        shown = " ".join(shlex.quote(a) for a in (["megatune", *argv[3:]] if argv[1:3] == ["-m", MAIN] else argv))
         prefix = " ".join(f"{k}={v}" for k, v in (env or {}).items())
         command = f"{prefix} {shown}".strip()
         print(f"\n=== [{self.index}] {title}\n$ {command}", flush=True)
@@ -53,8 +54,11 @@ class Step:
         return proc.stdout
 
 
+MAIN = "megatune.cli.main"
+
+
 def megatune(*args: str) -> list[str]:
-    return [sys.executable, "-m", "megatune.cli.main", *args]
+    return [sys.executable, "-m", MAIN, *args]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -91,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         "export", "--model_type", model_type, "--model_id_or_path", str(hf), "--to_megatron", "true",
         "--tp", "2", "--dtype", "fp32", "--megatron_output_dir", str(mega)))
 
-    step.run("supervised fine-tuning with Megatron-Core: TP2 in 2 processes", megatune(
+    nproc = _processes()
+    step.run(f"supervised fine-tuning with Megatron-Core in {nproc} process(es)", megatune(
         "sft", "--resume_from_checkpoint", str(mega),
         "--dataset", f"{DATA / 'sft' / 'alpaca_en_short.jsonl'}#50", "self-cognition#500",
         "--max_length", "128", "--learning_rate", "2e-3", "--min_lr", "2e-4", "--warmup_ratio", "0.05",
         "--batch_size", "4", "--gradient_accumulation_steps", "1", "--num_train_epochs", args.num_train_epochs,
         "--eval_steps", "50", "--save_steps", "1000", "--logging_steps", "10", "--dataset_test_ratio", "0.01",
         "--output_dir", str(out / "output"), "--model_name", *NAME, "--model_author", *AUTHOR,
-        "--train_backend", "megatron"), env={"NPROC_PER_NODE": "2"})
+        "--train_backend", "megatron"), env={"NPROC_PER_NODE": str(nproc)})
     run_dir = max((out / "output" / mega.name).glob("v*-*"), key=lambda p: p.stat().st_mtime)
 
     step.run("Megatron -> HF", megatune("export", "--ckpt_dir", str(run_dir), "--to_hf", "true"))
@@ -115,16 +120,36 @@ def main(argv: list[str] | None = None) -> int:
         "--eval_output_dir", str(out / "eval")))
 
     report += ["## Chat answers", ""] + [f"- **{q}** {a}" for q, a in answers.items()] + [""]
-    report += ["## Evaluation", "", "```", table.strip(), "```", ""]
-    for png in run_dir.glob("*.png"):
+    summary = [line for line in table.splitlines() if line.startswith(("+", "|"))]
+    report += ["## Evaluation (built-in 5-row slices: a smoke test, not a benchmark)", "", "```", *summary, "```", ""]
+    report += _loss_summary(run_dir)
+    for png in sorted(run_dir.rglob("*.png")):
         shutil.copy(png, out / png.name)
-        report += [f"![loss curve]({png.name})", ""]
+        report += [f"![{png.stem}]({png.name})", ""]
     (out / "report.md").write_text("\n".join(report), encoding="utf-8")
     print("\n=== chat answers")
     for q, a in answers.items():
         print(f"<<< {q}\n{a}")
     print(f"\nreport: {out / 'report.md'}")
     return 0
+
+
+def _processes() -> int:
+    """Two processes (TP2, as exported) on CPU or with >= 2 GPUs; one GPU trains alone (resharded to TP1)."""
+    import torch
+
+    return 1 if torch.cuda.is_available() and torch.cuda.device_count() < 2 else 2
+
+
+def _loss_summary(run_dir: Path) -> list[str]:
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    if not losses:
+        return []
+    return ["## Training", "", f"{len(losses)} logged steps; loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+            f"run directory `{run_dir}`", ""]
 
 
 def _answer_after(transcript: str, question: str) -> str:

@@ -46,6 +46,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
     # advice aimed at TE/CUDA setups (core_attn recompute, CUDA_DEVICE_MAX_CONNECTIONS, cuda graph scope)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core\..*")
+    warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megatron").setLevel(logging.ERROR)
     if _rank() != 0:

@@ -27,7 +27,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatune.convert.arch import megatron_model_args
 from megatune.convert.layout import padded_vocab_size, stage_layers
-from megatune.train import cpu_mode
+from megatune.train import cpu_mode, fused
 from megatune.train.errors import TrainError
 from megatune.train.spec import have_te, native_block_spec, te_block_spec
 
@@ -71,7 +71,17 @@ class PositionRotaryEmbedding(RotaryEmbedding):
 
 
 class MegatuneGPTModel(GPTModel):
-    """GPTModel whose rotary embedding uses the position_ids passed to forward (see module docstring)."""
+    """GPTModel whose rotary embedding uses the position_ids passed to forward (see module docstring), and whose
+    loss on GPU is fused.vocab_parallel_cross_entropy (no fp32 copy of the [s, b, vocab] logits kept for backward)."""
+
+    megatune_fused_loss: bool = False
+
+    def compute_language_model_loss(self, labels, logits):
+        if not self.megatune_fused_loss:
+            return super().compute_language_model_loss(labels, logits)
+        group = parallel_state.get_tensor_model_parallel_group()
+        loss = fused.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), group)  # [s, b]
+        return loss.transpose(0, 1).contiguous()  # [b, s]
 
     def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
         if isinstance(self.rotary_pos_emb, PositionRotaryEmbedding):
@@ -176,6 +186,11 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
         spec = "te" if have_te() else "native"
     if spec not in ("te", "native"):
         raise TrainError(f"spec={spec!r}: use 'auto', 'te' or 'native'")
+    gpu = not cpu_mode.is_cpu_mode()
+    if gpu and spec == "native":
+        # compiled SwiGLU (megatron-core's bias_swiglu_impl) and our compiled RoPE in place of TE's (fused.py)
+        fast = {"bias_activation_fusion": True, "apply_rope_fusion": fused.register_rope()}
+        config_overrides = {**fast, **config_overrides}
     config = transformer_config(hf_config, tp=tp, pp=pp, params_dtype=params_dtype,
                                 sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity,
                                 layers_per_stage=layers_per_stage, **config_overrides)
@@ -197,8 +212,9 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
         model.rotary_pos_emb.__class__ = PositionRotaryEmbedding
     model.rotary_pos_emb.inv_freq = rope_inv_freq(a["kv_channels"], a["rotary_base"], scaling).to(
         model.rotary_pos_emb.inv_freq.device)
+    model.megatune_fused_loss = gpu
     model.megatune_spec = spec  # "te" | "native": the state-dict naming, for load_pretrained/save_checkpoint
     model.megatune_hf_config = hf_config
-    if not cpu_mode.is_cpu_mode():
+    if gpu:
         model.cuda(torch.cuda.current_device())
     return [model]

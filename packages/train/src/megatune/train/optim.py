@@ -49,7 +49,9 @@ def optimizer_config(args: Any, *, cpu: bool, note: Callable[[str], None] = log.
         fp16=fp16,
         params_dtype=params_dtype,
         loss_scale=getattr(args, "loss_scale", None),  # None: dynamic loss scaling (fp16 only)
-        initial_loss_scale=float(_get(args, "initial_loss_scale", 2**32)),
+        # Megatron-LM starts fp16 dynamic scaling at 2**32 and halves on overflow; HF's GradScaler (what swift users
+        # know) starts at 2**16, which wastes ~16 fewer skipped steps at the start of a fine-tune
+        initial_loss_scale=float(_get(args, "initial_loss_scale", 2**16)),
         use_distributed_optimizer=distributed,
     )
 

@@ -189,6 +189,29 @@ def forward_kwargs_for(packing: bool):
     return lambda batch: {"attention_mask": None}
 
 
+def _lacks_distributed_optimizer_state(optimizer, ckpt_dir: Path, dist) -> bool:
+    """True when `optimizer` is megatron-core's distributed optimizer and the checkpoint has no `distrib_optim.pt`.
+
+    That optimizer keeps its fp32 master weights and Adam moments outside `state_dict()` (Megatron-LM writes them to
+    `distrib_optim.pt`); its `load_state_dict` allocates them uninitialised for `load_parameter_state` to fill. Without
+    the file we must not load its state dict at all: we re-derive the master weights from the loaded model weights
+    instead, so training continues from the checkpoint's weights and schedule with fresh Adam moments."""
+    if not _is_distributed_optimizer(optimizer):
+        return False
+    from megatune.convert import api
+
+    iteration = api.read_latest(ckpt_dir)
+    rank_dir = api.rank_file(ckpt_dir, iteration, dist.tp_rank, dist.pp_rank, dist.pp).parent
+    return not (rank_dir / "distrib_optim.pt").is_file()
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
 def build_run(sft, *, progress: bool = True):
     """Everything `trainer.train` needs, for this rank. Returns (Run, info dict for the CLI summary)."""
     from megatune.argmap.mapping import to_megatron
@@ -246,11 +269,18 @@ def build_run(sft, *, progress: bool = True):
     note = log.warning if dist.rank == 0 else log.debug
     optimizer = optim.build_optimizer(ddp_chunks, margs, cpu=cpu, note=note)
     scheduler = optim.build_scheduler(optimizer, margs)
+    # the schedules multiply the loss by the fp16 loss scale through this hook (1.0 for bf16/fp32), as Megatron-LM
+    chunks[0].config.grad_scale_func = optimizer.scale_loss
 
     start = 0
     if source.kind == "run":
-        state = checkpoint.load_checkpoint(source.path, ddp_chunks, optimizer, scheduler)
+        fresh_moments = _lacks_distributed_optimizer_state(optimizer, source.path, dist)
+        state = checkpoint.load_checkpoint(source.path, ddp_chunks, None if fresh_moments else optimizer, scheduler)
         start = int(state["iteration"])
+        if fresh_moments:
+            optimizer.reload_model_params()
+            note(f"megatune sft: {source.path} holds no distributed-optimizer state (distrib_optim.pt); weights, "
+                 f"schedule and data position resume exactly, Adam moments restart from zero")
         data_state = state["extra"].get("data_state")
         if data_state is None:
             raise TrainError(f"{source.path}: checkpoint has no data position; it was not written by megatune sft")

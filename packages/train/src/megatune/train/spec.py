@@ -4,7 +4,7 @@ It is megatron-core's local spec (`get_gpt_layer_local_spec`) with three modules
 state-dict name identical (`input_layernorm`, `self_attention.linear_qkv`, `self_attention.q_layernorm`, ...,
 `pre_mlp_layernorm`, `mlp.linear_fc1`, `decoder.final_layernorm`) so `naming="local"` checkpoints load unchanged:
 
-- `RMSNorm`: fused `F.rms_norm` computed in fp32 like HF's LlamaRMSNorm, and usable with sequence parallelism
+- `RMSNorm`: `F.rms_norm` computed in fp32 like HF's LlamaRMSNorm (one torch.compile'd kernel on CUDA, fused.py), and usable with sequence parallelism
   (megatron-core's WrappedTorchNorm refuses SP). Under SP its weight is tagged `sequence_parallel=True` so
   megatron-core's finalize_model_grads all-reduces its gradient over the TP group.
 - `SDPAttention`: core attention through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU,
@@ -40,6 +40,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatune.train import fused
 from megatune.train.errors import TrainError
 
 
@@ -57,8 +58,7 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (self.hidden_size,), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        return fused.rms_norm(x, self.weight, self.eps)  # torch.compile'd on CUDA, eager on CPU
 
 
 def document_mask(document_ids: torch.Tensor) -> torch.Tensor:

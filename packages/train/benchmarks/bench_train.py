@@ -1,0 +1,247 @@
+"""HF Trainer-style loop vs megatune's real training step, same shape, same GPU: tokens/s, MFU, peak memory.
+
+    python packages/train/benchmarks/bench_train.py [--model qwen2-1.5b --seq 4096 --mbs 2] [--multi dp4,tp2]
+    python packages/train/benchmarks/bench_train.py --cpu-smoke      # tiny fp32 run of the megatune side on CPU
+
+The megatune side is what `megatune sft` runs per iteration: build_model (bf16 params, native spec), runtime's
+wrap_model (Float16Module + megatron-core DDP) and optim.build_optimizer (fp32 main params, distributed optimizer),
+steps.make_forward_step + steps.train_step (forward_backward_func, per-token loss, clip, step, LR schedule). Every
+megatune measurement runs under torchrun in a subprocess (nproc 1, 2 or 4), so each gets a clean process group.
+`--multi dp4` adds data parallelism on 4 GPUs (scaling vs 4x the 1-GPU figure), both with runtime's DDP settings
+and with overlap_grad_reduce on; `tp2` the Qwen2-7B shape at TP2 + sequence parallelism on 2 GPUs. The 1-GPU
+megatune run also profiles 2 steps with torch.profiler and prints the top kernels by CUDA time.
+MFU = tokens/s x (6N + 12 L h S) / (GPUs x 989 TFLOP/s), hf_baseline.flops_per_token, for both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_baseline import H200_BF16_PEAK, bench_hf, flops_per_token, qwen2_config  # noqa: E402
+
+SMOKE_CFG = dict(qwen2_config("qwen2-0.5b"), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+
+
+def margs_for(*, bf16: bool, distributed: bool, gbs: int):
+    """The Megatron-LM argument names runtime/optim read (as argmap.to_megatron would produce them)."""
+    return types.SimpleNamespace(
+        bf16=bf16, fp16=False, use_distributed_optimizer=distributed, optimizer="adam", lr=1e-5, min_lr=0.0,
+        weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, global_batch_size=gbs,
+        train_iters=10_000, lr_decay_style="constant", lr_warmup_iters=0, loss_scale=None)
+
+
+def wrap_overlapped(chunks: list) -> list:
+    """runtime.wrap_model with overlap_grad_reduce on (the hook this benchmark proposes for GPU runs)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    config = chunks[0].config
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+                                               average_in_collective=False, use_distributed_optimizer=True)
+    model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=Float16Module(config, c))
+             for c in chunks]
+    config.no_sync_func = model[0].no_sync  # grad accumulation: reduce only after the last micro-batch
+    return model
+
+
+def microbatch(vocab: int, mbs: int, seq: int, seed: int, device) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
+    return {"tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
+            "loss_mask": torch.ones(mbs, seq, device=device), "position_ids": torch.arange(seq).expand(mbs, seq).to(device)}
+
+
+def top_kernels(prof, limit: int = 15) -> list[tuple[str, float, int]]:
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+        if t > 0:
+            rows.append((e.key, t / 1e3, e.count))
+    return sorted(rows, key=lambda r: -r[1])[:limit]
+
+
+def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warmup: int, overlap: bool,
+                   profile: bool) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatune.train import optim, runtime, steps
+    from megatune.train.distributed import init_distributed
+    from megatune.train.model import build_model
+
+    gpu = torch.cuda.is_available()
+    dist = init_distributed(tp, 1, seed=0)
+    chunks = build_model(cfg, tp=tp, pp=1, params_dtype=torch.bfloat16 if gpu else torch.float32,
+                         sequence_parallel=tp > 1, seq_length=seq)
+    gbs = mbs * dist.dp
+    margs = margs_for(bf16=gpu, distributed=gpu, gbs=gbs)
+    model = wrap_overlapped(chunks) if overlap else runtime.wrap_model(chunks, margs, cpu=not gpu)
+    optimizer = optim.build_optimizer(model, margs, cpu=not gpu)
+    scheduler = optim.build_scheduler(optimizer, margs)
+    forward_step = steps.make_forward_step(lambda batch: {"attention_mask": None})
+    batches = [[microbatch(cfg["vocab_size"], mbs, seq, 1000 * i + ps.get_data_parallel_rank(), dist.device)]
+               for i in range(4)]
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
+    live = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+
+    def step(i):
+        out = steps.train_step(live["model"], live["optimizer"], live["scheduler"], batches[i % len(batches)],
+                               forward_step, increment=gbs, device=dist.device)
+        losses.append(out["loss"])
+
+    for i in range(warmup):
+        step(i)
+    if gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(steps_n):
+        step(i)
+    if gpu:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tps = steps_n * gbs * seq / seconds
+    gpus = dist.world_size
+    result = {"name": f"megatune tp{tp} dp{dist.dp}" + (" overlap" if overlap else ""), "gpus": gpus,
+              "tokens_per_s": tps, "mfu": tps * flops_per_token(cfg, seq) / (gpus * H200_BF16_PEAK),
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0, "losses": losses,
+              "step_s": seconds / steps_n}
+    if profile and gpu:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(2):
+                step(i)
+            torch.cuda.synchronize()
+        result["top_kernels"] = top_kernels(prof)
+    live.clear()
+    del model, optimizer, scheduler, chunks
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+    return result
+
+
+def worker(spec: dict) -> None:
+    """One torchrun rank: run the requested megatune variants, rank 0 writes the results to spec['out']."""
+    from megatune.train.distributed import destroy
+
+    results = []
+    for overlap in spec["variants"]:
+        results.append(bench_megatune(spec["cfg"], tp=spec["tp"], seq=spec["seq"], mbs=spec["mbs"],
+                                      steps_n=spec["steps"], warmup=spec["warmup"], overlap=overlap,
+                                      profile=spec["profile"]))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(spec["out"]).write_text(json.dumps(results))
+    destroy()
+
+
+def launch(n: int, spec: dict, out_dir: Path, name: str, timeout: int) -> list[dict]:
+    spec = dict(spec, out=str(Path(tempfile.mkdtemp()) / f"{name}.json"))  # $OUT keeps logs only
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+           "--worker", json.dumps(spec)]
+    print(f"[bench] {name}: torchrun --nproc_per_node={n}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except subprocess.TimeoutExpired as e:
+        (out_dir / f"{name}.log").write_text(e.output or "" if isinstance(e.output, str) else "")
+        print(f"[bench] {name}: timed out after {timeout}s", flush=True)
+        return []
+    (out_dir / f"{name}.log").write_text(proc.stdout)
+    if proc.returncode != 0:
+        print(f"[bench] {name}: FAILED rc={proc.returncode}\n" + proc.stdout[-4000:], flush=True)
+        return []
+    print(f"[bench] {name}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def fmt(r: dict) -> str:
+    return (f"{r['name'][:44]:44s} {r.get('gpus', 1):>4} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% "
+            f"{r['peak_mem_gb']:>8.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen2-1.5b")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--mbs", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--multi", default="", help="comma list of dpN (N GPUs), tp2 (Qwen2-7B shape)")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--timeout", type=int, default=240, help="seconds per torchrun launch")
+    p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(json.loads(a.worker))
+    if a.cpu_smoke:
+        r = bench_megatune(SMOKE_CFG, tp=1, seq=32, mbs=2, steps_n=2, warmup=1, overlap=False, profile=False)
+        print(fmt(r), r["losses"])
+        return None
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = qwen2_config(a.model)
+    spec = {"cfg": cfg, "tp": 1, "seq": a.seq, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
+            "variants": [False], "profile": True}
+    date = time.strftime("%Y-%m-%d")
+    gpu = torch.cuda.get_device_name(0)
+    print(f"[bench] {date} {gpu} x{torch.cuda.device_count()} torch {torch.__version__} model {a.model} "
+          f"S={a.seq} mbs={a.mbs} steps={a.steps} warmup={a.warmup}", flush=True)
+    rows = []
+    hf = None if a.skip_hf else bench_hf(cfg, seq_len=a.seq, micro_batch=a.mbs, steps=a.steps, warmup=a.warmup)
+    if hf:
+        rows.append(hf)
+        print("[bench] " + fmt(hf), flush=True)
+    one = launch(1, spec, out, "megatune_1gpu", a.timeout)
+    rows += one
+    multi = [m for m in a.multi.split(",") if m]
+    if "tp2" in multi and torch.cuda.device_count() >= 2:
+        cfg7 = qwen2_config("qwen2-7b")
+        rows += launch(2, dict(spec, cfg=cfg7, tp=2, profile=False), out, "megatune_tp2_qwen2-7b", a.timeout)
+    dp, ndp = [], max([int(m[2:]) for m in multi if m.startswith("dp")] or [0])
+    if ndp and torch.cuda.device_count() >= ndp:
+        dp = launch(ndp, dict(spec, variants=[False, True], profile=False), out, f"megatune_dp{ndp}", a.timeout)
+        rows += dp
+    (out / "bench_train.json").write_text(json.dumps({"date": date, "gpu": gpu, "args": vars(a), "rows": rows},
+                                                     indent=1))
+    if one and one[0].get("top_kernels"):
+        print("\ntop CUDA kernels, megatune 1 GPU, 2 profiled steps (ms total, calls):")
+        for name, ms, count in one[0]["top_kernels"]:
+            print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
+    print(f"\n{'run':44s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
+    for r in rows:
+        print(fmt(r))
+    if hf and one:
+        m = one[0]
+        print(f"megatune/HF tokens/s = {m['tokens_per_s'] / hf['tokens_per_s']:.2f}x (target >= 1.3), "
+              f"MFU {100 * m['mfu']:.1f}% (target >= 50), memory {m['peak_mem_gb']:.1f} vs {hf['peak_mem_gb']:.1f} GB")
+        print(f"first/last loss HF {hf['losses'][0]:.3f}/{hf['losses'][-1]:.3f}  "
+              f"megatune {m['losses'][0]:.3f}/{m['losses'][-1]:.3f}")
+    for r in dp:
+        if one:
+            print(f"DP{ndp} scaling ({r['name']}): {r['tokens_per_s'] / (ndp * one[0]['tokens_per_s']):.1%} of "
+                  f"linear (target >= 90%)")
+    return None
+
+
+if __name__ == "__main__":
+    main()
