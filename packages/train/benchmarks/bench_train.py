@@ -77,7 +77,7 @@ def top_kernels(prof, limit: int = 15) -> list[tuple[str, float, int]]:
 
 
 def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warmup: int, overlap: bool,
-                   profile: bool) -> dict:
+                   profile: bool, fused_adamw: bool = False) -> dict:
     from megatron.core import parallel_state as ps
     from megatune.train import optim, runtime, steps
     from megatune.train.distributed import init_distributed
@@ -93,8 +93,13 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     optimizer = optim.build_optimizer(model, margs, cpu=not gpu)
     scheduler = optim.build_scheduler(optimizer, margs)
     forward_step = steps.make_forward_step(lambda batch: {"attention_mask": None})
+    if fused_adamw:
+        from megatune.train.fused import use_fused_adamw
+
+        use_fused_adamw(optimizer)
+    # fresh random tokens every step, as the HF side: a falling loss here would mean leakage, not learning
     batches = [[microbatch(cfg["vocab_size"], mbs, seq, 1000 * i + ps.get_data_parallel_rank(), dist.device)]
-               for i in range(4)]
+               for i in range(warmup + steps_n + 2)]
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     losses = []
@@ -117,7 +122,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     seconds = time.perf_counter() - start
     tps = steps_n * gbs * seq / seconds
     gpus = dist.world_size
-    result = {"name": f"megatune tp{tp} dp{dist.dp}" + (" overlap" if overlap else ""), "gpus": gpus,
+    result = {"name": f"megatune tp{tp} dp{dist.dp}" + (" overlap" if overlap else "") + (" fusedadam" if fused_adamw else ""), "gpus": gpus,
               "tokens_per_s": tps, "mfu": tps * flops_per_token(cfg, seq) / (gpus * H200_BF16_PEAK),
               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0, "losses": losses,
               "step_s": seconds / steps_n}
@@ -127,7 +132,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
 
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(2):
-                step(i)
+                step(warmup + steps_n + i)
             torch.cuda.synchronize()
         result["top_kernels"] = top_kernels(prof)
     live.clear()
@@ -146,7 +151,7 @@ def worker(spec: dict) -> None:
     for overlap in spec["variants"]:
         results.append(bench_megatune(spec["cfg"], tp=spec["tp"], seq=spec["seq"], mbs=spec["mbs"],
                                       steps_n=spec["steps"], warmup=spec["warmup"], overlap=overlap,
-                                      profile=spec["profile"]))
+                                      profile=spec["profile"], fused_adamw=spec.get("fused_adamw", False)))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["out"]).write_text(json.dumps(results))
     destroy()
@@ -186,6 +191,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--multi", default="", help="comma list of dpN (N GPUs), tp2 (Qwen2-7B shape)")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--fused-adamw", action="store_true", help="fused.use_fused_adamw on the megatune optimizer")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--timeout", type=int, default=240, help="seconds per torchrun launch")
     p.add_argument("--cpu-smoke", action="store_true")
@@ -201,7 +207,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = qwen2_config(a.model)
     spec = {"cfg": cfg, "tp": 1, "seq": a.seq, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
-            "variants": [False], "profile": True}
+            "variants": [False], "profile": True, "fused_adamw": a.fused_adamw}
     date = time.strftime("%Y-%m-%d")
     gpu = torch.cuda.get_device_name(0)
     print(f"[bench] {date} {gpu} x{torch.cuda.device_count()} torch {torch.__version__} model {a.model} "

@@ -58,7 +58,17 @@ def dirs(tmp_path_factory):
     from megatune.convert.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("gpu")
-    fresh = make_tiny_model("qwen2", root / "fresh", seed=0, dtype="float32", **SHAPE)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # make_tiny_model sizes the vocabulary from its tokenizer: rebuild the weights with Qwen2's real vocabulary
+    fresh = make_tiny_model("qwen2", root / "fresh", seed=0, dtype="float32",
+                            **{k: v for k, v in SHAPE.items() if k != "vocab_size"})
+    config = AutoConfig.from_pretrained(fresh)
+    config.vocab_size = SHAPE["vocab_size"]
+    torch.manual_seed(0)
+    for f in fresh.glob("model*.safetensors*"):
+        f.unlink()
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(fresh))
     trained = root / "trained"
     shutil.copytree(fresh, trained)
     _, model = hf_train(str(fresh), 60, 3e-3)

@@ -9,7 +9,16 @@
 
 from .cli import SwiftArgParser, dataclass_from_mapping, load_config_file, parse_bool, parse_dataclass_args
 from .errors import ArgumentError
-from .mapping import TABLE, Derived, Rule, derive, from_megatron, megatron_counterparts, to_megatron
+from .mapping import (
+    TABLE,
+    Derived,
+    Rule,
+    derive,
+    from_megatron,
+    megatron_counterparts,
+    to_megatron,
+    with_parallel_defaults,
+)
 from .megatron import MegatronArguments
 from .sft import SftArguments, build_help, parse_sft_args, sft_parser
 
@@ -18,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "TABLE", "ArgumentError", "Derived", "MegatronArguments", "Rule", "SftArguments", "SwiftArgParser",
     "build_help", "dataclass_from_mapping", "derive", "from_megatron", "load_config_file", "megatron_counterparts",
-    "parse_bool", "parse_dataclass_args", "parse_sft_args", "sft_parser", "to_megatron",
+    "parse_bool", "parse_dataclass_args", "parse_sft_args", "sft_parser", "to_megatron", "with_parallel_defaults",
 ]

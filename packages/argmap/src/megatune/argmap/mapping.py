@@ -50,8 +50,16 @@ class Derived(NamedTuple):
     lr_warmup_iters: int
 
 
+def with_parallel_defaults(sft: SftArguments, tp: int | None = None, pp: int | None = None) -> SftArguments:
+    """`sft` with tp/pp left unset (None) filled: from `tp`/`pp` (e.g. the checkpoint's), else 1."""
+    if sft.tp is not None and sft.pp is not None:
+        return sft
+    return dataclasses.replace(sft, tp=sft.tp or tp or 1, pp=sft.pp or pp or 1)
+
+
 def derive(sft: SftArguments, *, world_size: int, train_len: int, val_len: int) -> Derived:
     """Batch sizes and iteration counts for `sft` on `world_size` processes with the given dataset sizes."""
+    sft = with_parallel_defaults(sft)
     if world_size < 1:
         raise ArgumentError("world size", f"must be >= 1, got {world_size}", "check NPROC_PER_NODE x NNODES")
     if world_size % (sft.tp * sft.pp):
@@ -191,6 +199,7 @@ def to_megatron(sft: SftArguments, *, world_size: int, train_len: int, val_len: 
     Raises ArgumentError when tp x pp does not divide world_size, a batch size does not divide, or there is no
     training data and no --max_steps.
     """
+    sft = with_parallel_defaults(sft)
     derived = derive(sft, world_size=world_size, train_len=train_len, val_len=val_len)
     return MegatronArguments(**{rule.megatron: rule.forward(sft, derived) for rule in TABLE})
 

@@ -88,8 +88,10 @@ class SftArguments:
     num_train_epochs: int = _f(1, "[swift2.5]")
     max_steps: int = _f(-1, "> 0: train exactly this many iterations, overriding num_train_epochs [swift2.5]")
     # parallelism
-    tp: int = _f(1, "tensor parallel size [swift2.5]")
-    pp: int = _f(1, "pipeline parallel size [swift2.5]")
+    # None = take the checkpoint's (the seed's `--resume_from_checkpoint qwen2-7b-instruct-tp2-pp1` with 4 GPUs
+    # trains TP2 x DP2 without repeating --tp 2), else 1
+    tp: int | None = _f(None, "tensor parallel size; default the checkpoint's tp, else 1 [swift2.5: 1]")
+    pp: int | None = _f(None, "pipeline parallel size; default the checkpoint's pp, else 1 [swift2.5: 1]")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tp > 1 to matter) [swift2.5]")
     use_distributed_optimizer: bool = _f(True, "shard optimizer state over data-parallel ranks [swift-meg]")
     recompute_granularity: Literal["none", "selective", "full"] = _f(
@@ -117,7 +119,7 @@ class SftArguments:
         if self.val_dataset:
             self.dataset_test_ratio = 0.0
         if self.resume_from_checkpoint is None and self.model_type:
-            self.resume_from_checkpoint = f"{self.model_type}-tp{self.tp}-pp{self.pp}"
+            self.resume_from_checkpoint = f"{self.model_type}-tp{self.tp or 1}-pp{self.pp or 1}"
         self.truncation_strategy = TRUNCATION_ALIASES.get(self.truncation_strategy, self.truncation_strategy)
         for name in ("model_name", "model_author"):
             values = list(getattr(self, name))
@@ -159,7 +161,7 @@ class SftArguments:
             if len(values) > 2:
                 raise ArgumentError(f"--{name}", f"takes at most 2 values (Chinese, English), got {len(values)}",
                                     f"e.g. --{name} 小黄 'Xiao Huang'; quote names that contain spaces")
-        positive = ["tp", "pp", "batch_size", "logging_steps", "eval_steps", "num_train_epochs", "dataset_num_proc"]
+        positive = [n for n in ("tp", "pp") if getattr(self, n) is not None] + ["batch_size", "logging_steps", "eval_steps", "num_train_epochs", "dataset_num_proc"]
         positive += [n for n in ("gradient_accumulation_steps", "global_batch_size", "save_steps")
                      if getattr(self, n) is not None]
         for name in positive:

@@ -198,6 +198,15 @@ def run_meta(meta: dict, model_chunks) -> dict:
             "naming": _naming(model), "tied_embeddings": tied}
 
 
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # Megatron-LM's name for the distributed optimizer's parameter state
+
+
+def is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def save_checkpoint(ckpt_dir, iteration: int, model_chunks, *, optimizer=None, scheduler=None, extra: dict | None = None,
                     meta: dict, save_optim: bool = True, save_rng: bool = True, tokenizer_dir=None) -> Path:
     """Write iteration `iteration` (all ranks call this). Returns DIR/iter_%07d.
@@ -235,6 +244,12 @@ def save_checkpoint(ckpt_dir, iteration: int, model_chunks, *, optimizer=None, s
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
     _barrier()
+    if optimizer is not None and save_optim and is_distributed_optimizer(optimizer):
+        # Its fp32 master weights and Adam moments are sharded over DP and live outside state_dict(); like
+        # Megatron-LM, gather them to DP rank 0 (a collective: every DP rank calls) into distrib_optim.pt.
+        rank_path = api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)
+        optimizer.save_parameter_state(str(tmp / rank_path.parent.name / DISTRIB_OPTIM_FILE))
+        _barrier()
     if rank0:
         if final.exists():  # re-saving an iteration: swap the old one out, then delete it
             old = ckpt_dir / f".{name}.old"
@@ -282,6 +297,10 @@ def load_checkpoint(ckpt_dir, model_chunks, optimizer=None, scheduler=None, *, i
             raise TrainError(f"{ckpt_dir}: iteration {iteration} has no optimizer state (saved with save_optim=False "
                              f"or converted from HF); load with load_optim=False")
         optimizer.load_state_dict(state["optimizer"])
+        if is_distributed_optimizer(optimizer):
+            # load_state_dict only allocated the sharded master weights / moments; fill them (collective over DP)
+            optimizer.load_parameter_state(
+                str(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp).parent / DISTRIB_OPTIM_FILE))
     if load_optim and scheduler is not None and "opt_param_scheduler" in state:
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng and "rng_state" in state:

@@ -116,3 +116,16 @@ class _VocabParallelCE(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None) -> torch.Tensor:
     """Per-token CE (fp32, shape of target) of logits [..., v/tp] sharded over `group` (None: not sharded)."""
     return _VocabParallelCE.apply(logits, target, group)
+
+
+def use_fused_adamw(optimizer) -> int:
+    """Switch megatron-core's torch.optim.AdamW (its fallback without TE/apex, foreach kernels) to torch's fused
+    single-kernel AdamW; call before the first step. Returns how many param groups were switched. Measured need:
+    the foreach step took 34 ms of a 216 ms Qwen2-1.5B step on an H200 (a fused step reads/writes each fp32 state
+    once, about 10 ms). Not yet measured with this switch; checkpoint resume paths that create optimizer state
+    themselves must keep `state["step"]` on the GPU for the fused kernel."""
+    groups = [g for g in optimizer.param_groups
+              if "fused" in g and all(p.is_cuda and p.dtype == torch.float32 for p in g["params"])]
+    for g in groups:
+        g["fused"], g["foreach"] = True, False
+    return len(groups)

@@ -57,7 +57,7 @@ def resolve_source(sft) -> Source:
     from megatune.convert.registry import resolve_weights
 
     resume = sft.resume_from_checkpoint
-    defaulted = bool(sft.model_type) and resume == f"{sft.model_type}-tp{sft.tp}-pp{sft.pp}"
+    defaulted = bool(sft.model_type) and resume == f"{sft.model_type}-tp{sft.tp or 1}-pp{sft.pp or 1}"
     if resume and Path(resume).expanduser().is_dir():
         d = Path(resume).expanduser().resolve()
         if not (d / "latest_checkpointed_iteration.txt").is_file():
@@ -73,8 +73,8 @@ def resolve_source(sft) -> Source:
         return Source(d, "megatron", d.name, meta)
     if resume and not (defaulted and sft.model_id_or_path):
         raise TrainError(f"--resume_from_checkpoint {resume}: no such directory; convert the HF model first "
-                         f"(`megatune export --model_type {sft.model_type or 'T'} --to_megatron true --tp {sft.tp} "
-                         f"--pp {sft.pp}`) or pass --model_id_or_path HF_DIR")
+                         f"(`megatune export --model_type {sft.model_type or 'T'} --to_megatron true --tp {sft.tp or 1} "
+                         f"--pp {sft.pp or 1}`) or pass --model_id_or_path HF_DIR")
     if not sft.model_id_or_path and not sft.model_type:
         raise TrainError("no weights to train: pass --resume_from_checkpoint MEGATRON_DIR or --model_id_or_path HF_DIR")
     try:
@@ -196,25 +196,20 @@ def _lacks_distributed_optimizer_state(optimizer, ckpt_dir: Path, dist) -> bool:
     `distrib_optim.pt`); its `load_state_dict` allocates them uninitialised for `load_parameter_state` to fill. Without
     the file we must not load its state dict at all: we re-derive the master weights from the loaded model weights
     instead, so training continues from the checkpoint's weights and schedule with fresh Adam moments."""
-    if not _is_distributed_optimizer(optimizer):
+    from megatune.train.checkpoint import DISTRIB_OPTIM_FILE, is_distributed_optimizer
+
+    if not is_distributed_optimizer(optimizer):
         return False
     from megatune.convert import api
 
     iteration = api.read_latest(ckpt_dir)
     rank_dir = api.rank_file(ckpt_dir, iteration, dist.tp_rank, dist.pp_rank, dist.pp).parent
-    return not (rank_dir / "distrib_optim.pt").is_file()
-
-
-def _is_distributed_optimizer(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return any(isinstance(o, DistributedOptimizer) for o in inner)
+    return not (rank_dir / DISTRIB_OPTIM_FILE).is_file()
 
 
 def build_run(sft, *, progress: bool = True):
     """Everything `trainer.train` needs, for this rank. Returns (Run, info dict for the CLI summary)."""
-    from megatune.argmap.mapping import to_megatron
+    from megatune.argmap.mapping import to_megatron, with_parallel_defaults
     from megatune.train import checkpoint, cpu_mode, distributed, model, optim, steps
     from megatune.train.rundir import RunLogger
     from megatune.train.trainer import Run
@@ -222,10 +217,12 @@ def build_run(sft, *, progress: bool = True):
     cpu = cpu_mode.enable()
     cpu_precision(sft, cpu)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    source = resolve_source(sft)
+    # unset --tp/--pp follow the checkpoint (swift: `--resume_from_checkpoint ...-tp2-pp1` on 4 GPUs = TP2 x DP2)
+    sft = with_parallel_defaults(sft, source.meta.get("tp"), source.meta.get("pp"))
     if world_size % (sft.tp * sft.pp):
         raise TrainError(f"--tp {sft.tp} x --pp {sft.pp} = {sft.tp * sft.pp} does not divide the world size "
                          f"{world_size}; launch a multiple of {sft.tp * sft.pp} processes (NPROC_PER_NODE x NNODES)")
-    source = resolve_source(sft)
     hf_config = source.meta["hf_config"]
     check_parallel(hf_config, sft.tp, sft.pp)
     saved = (source.meta.get("tp"), source.meta.get("pp"))
