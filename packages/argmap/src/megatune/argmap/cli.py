@@ -35,6 +35,14 @@ NONE = frozenset({"none", "null"})
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+def arg(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field for SwiftArgParser: `help` for --help, extra metadata such as `max_len`/`aliases`;
+    list defaults are copied per instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 def parse_bool(value: Any, where: str = "") -> bool:
     """`true/false` (and yes/no/1/0/on/off, any case) -> bool; anything else -> ArgumentError."""
     if isinstance(value, bool):

@@ -16,9 +16,10 @@ lora -> full under the megatron backend); `train_backend` defaults to (and must 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
+from .cli import arg
 from .errors import ArgumentError
 from .megatron import megatron_lr_decay_style, megatron_optimizer
 
@@ -33,10 +34,7 @@ SFT_ALIASES = {
 }
 
 
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+_f = arg
 
 
 @dataclass

@@ -147,7 +147,7 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard
 
 
 class HFWriter:
-    """Streams tensors, in the planned order, into model.safetensors or model-XXXXX-of-YYYYY.safetensors + index."""
+    """Streams tensors, in the planned order, into model.safetensors or model-0000i-of-0000n.safetensors + index."""
 
     def __init__(self, out_dir: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int):
         self.dir = Path(out_dir)

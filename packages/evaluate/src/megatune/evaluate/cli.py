@@ -9,19 +9,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from megatune.argmap.cli import SwiftArgParser
+from megatune.argmap.cli import SwiftArgParser, arg
 from megatune.argmap.errors import ArgumentError
 from megatune.evaluate.engine import Sampling, UserError, load_engine
 
-
-def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+_f = arg
 
 
 @dataclass

@@ -54,8 +54,8 @@ def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, transpose_o
                                interleaved: bool = False) -> torch.Tensor:
     """megatron-core's fused-RoPE signature: t [s, b, heads, d], freqs [s, b|1, 1, d_rot] (fp32 angles)."""
     if interleaved:
-        raise NotImplementedError("megatune's fused RoPE does not support rotary_interleaved (no HF Llama-like "
-                                  "model uses it); set apply_rope_fusion=False")
+        raise ValueError("megatune's fused RoPE does not support rotary_interleaved (no HF Llama-like "
+                         "model uses it); set apply_rope_fusion=False")
     return _fast(_rope, t)(t, freqs)
 
 
