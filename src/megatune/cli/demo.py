@@ -96,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         "--tp", "2", "--dtype", "fp32", "--megatron_output_dir", str(mega)))
 
     nproc = _processes()
-    step.run(f"supervised fine-tuning with Megatron-Core in {nproc} process(es)", megatune(
+    step.run(f"supervised fine-tuning with Megatron-Core, {'TP2 (from the checkpoint)' if nproc == 2 else 'TP1'} "
+             f"in {nproc} process(es)", megatune(
         "sft", "--resume_from_checkpoint", str(mega),
         "--dataset", f"{DATA / 'sft' / 'alpaca_en_short.jsonl'}#50", "self-cognition#500",
         "--max_length", "128", "--learning_rate", "2e-3", "--min_lr", "2e-4", "--warmup_ratio", "0.05",
         "--batch_size", "4", "--gradient_accumulation_steps", "1", "--num_train_epochs", args.num_train_epochs,
         "--eval_steps", "50", "--save_steps", "1000", "--logging_steps", "10", "--dataset_test_ratio", "0.01",
         "--output_dir", str(out / "output"), "--model_name", *NAME, "--model_author", *AUTHOR,
-        "--train_backend", "megatron"), env={"NPROC_PER_NODE": str(nproc)})
+        "--train_backend", "megatron", *([] if nproc == 2 else ["--tp", "1"])), env={"NPROC_PER_NODE": str(nproc)})
     run_dir = max((out / "output" / mega.name).glob("v*-*"), key=lambda p: p.stat().st_mtime)
 
     step.run("Megatron -> HF", megatune("export", "--ckpt_dir", str(run_dir), "--to_hf", "true"))
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _processes() -> int:
-    """Two processes (TP2, as exported) on CPU or with >= 2 GPUs; one GPU trains alone (resharded to TP1)."""
+    """Two processes (TP2, as exported) on CPU or with >= 2 GPUs; one GPU trains alone (resharded to TP1 in memory)."""
     import torch
 
     return 1 if torch.cuda.is_available() and torch.cuda.device_count() < 2 else 2
