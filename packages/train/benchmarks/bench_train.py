@@ -10,7 +10,7 @@ megatune measurement runs under torchrun in a subprocess (nproc 1, 2 or 4), so e
 `--multi dp4` adds data parallelism on 4 GPUs (scaling vs 4x the 1-GPU figure), both with runtime's DDP settings
 and with overlap_grad_reduce on; `tp2` the Qwen2-7B shape at TP2 + sequence parallelism on 2 GPUs. The 1-GPU
 megatune run also profiles 2 steps with torch.profiler and prints the top kernels by CUDA time.
-MFU = tokens/s x (6N + 12 L h S) / (GPUs x 989 TFLOP/s), hf_baseline.flops_per_token, for both sides.
+MFU = tokens/s x (6N + 12 L h S) / (GPUs x 989 TFLOP/s), megatune.train.metrics.flops_per_token (as logging.jsonl), for both sides.
 """
 
 from __future__ import annotations

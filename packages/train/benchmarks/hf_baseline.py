@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import torch
+from megatune.train.metrics import flops_per_token  # the same 6N + 12·L·h·S that logging.jsonl reports
 
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s, vendor datasheet; MFU is reported against this figure
 
@@ -27,17 +28,6 @@ def qwen2_config(name: str) -> dict:
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
             "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
             "hidden_act": "silu", **shapes[name]}
-
-
-def flops_per_token(cfg: dict, seq_len: int) -> float:
-    """6N + 12·L·h·S: N = parameters that do matmuls per token (all but the input embedding lookup)."""
-    h, f, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = h // heads
-    attn = h * (heads * d) + 2 * h * (kv * d) + (heads * d) * h
-    mlp = 3 * h * f
-    n = L * (attn + mlp) + h * v  # output projection counts even when tied
-    return 6 * n + 12 * L * h * seq_len
 
 
 def bench_hf(cfg: dict, *, seq_len: int, micro_batch: int, steps: int, warmup: int) -> dict:

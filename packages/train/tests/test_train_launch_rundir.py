@@ -82,7 +82,10 @@ def test_flops_and_mfu_formula():
     n = metrics.count_parameters(cfg)
     # embeddings + output + 4 * (qkv + o + mlp + 2 norms) + final norm
     assert n == 2 * 1000 * 64 + 4 * (64 * (8 + 4) * 8 + 64 * 64 + 3 * 64 * 128 + 128) + 64
-    assert metrics.flops_per_token(cfg, 32) == 6 * n + 12 * 4 * 64 * 32
+    # the untied input embedding is a lookup, not a matmul: it is not in N
+    assert metrics.flops_per_token(cfg, 32) == 6 * (n - 1000 * 64) + 12 * 4 * 64 * 32
+    tied = {**cfg, "tie_word_embeddings": True}
+    assert metrics.flops_per_token(tied, 32) == 6 * metrics.count_parameters(tied) + 12 * 4 * 64 * 32
     out = metrics.throughput(tokens=1000, seconds=2.0, world_size=2, flops_token=1e9, peak=1e12)
     assert out["tokens_per_sec"] == 500.0 and out["mfu"] == pytest.approx(0.25)
     assert metrics.throughput(tokens=1, seconds=1, world_size=1, flops_token=1, peak=None)["mfu"] is None

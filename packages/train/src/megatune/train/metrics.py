@@ -1,6 +1,6 @@
 """Throughput numbers for logging.jsonl: tokens/s, model FLOPs utilisation (MFU), memory.
 
-MFU = achieved model FLOPs / device peak, with training FLOPs per token = 6N + 12·L·h·S (N parameters, L layers,
+MFU = achieved model FLOPs / device peak, with training FLOPs per token = 6N + 12·L·h·S (N matmul parameters, L layers,
 h hidden size, S sequence length; the second term is attention's QK^T and AV, forward + backward, PaLM appendix B).
 The peak is the dense bf16/fp16 tensor-core figure of the GPU model (fp32 runs use the TF32 figure). On CPU there is
 no meaningful peak, so `mfu` is null there and `tflops` (achieved, per process) is still reported.
@@ -48,9 +48,16 @@ def count_parameters(hf_config: dict) -> int:
     return layers * per_layer + embeddings + h
 
 
+def matmul_parameters(hf_config: dict) -> int:
+    """N of the FLOPs formula: parameters that take part in a matmul per token. The input embedding is a lookup,
+    so an untied model's embedding does not count; the output projection (tied or not) does, as in Megatron-LM."""
+    lookup = 0 if hf_config.get("tie_word_embeddings") else int(hf_config["vocab_size"]) * int(hf_config["hidden_size"])
+    return count_parameters(hf_config) - lookup
+
+
 def flops_per_token(hf_config: dict, seq_length: int) -> float:
-    """Training FLOPs per token: 6N + 12·L·h·S."""
-    n = count_parameters(hf_config)
+    """Training FLOPs per token: 6N + 12·L·h·S, N = matmul_parameters."""
+    n = matmul_parameters(hf_config)
     return 6.0 * n + 12.0 * int(hf_config["num_hidden_layers"]) * int(hf_config["hidden_size"]) * seq_length
 
 
