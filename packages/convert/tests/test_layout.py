@@ -20,7 +20,15 @@ from megatune.convert.layout import (
     stage_layers,
     unshard,
 )
-from megatune.convert.plan import DictReader, hf_shape, hf_to_full, rank_part, stage_entries
+from megatune.convert.plan import (
+    DictReader,
+    hf_shape,
+    hf_to_full,
+    part_row_ranges,
+    parts_into,
+    rank_part,
+    stage_entries,
+)
 from megatune.convert.testing.strategies import model_shapes, stage_splits, tensors
 
 settings.register_profile("megatune", max_examples=60, deadline=None, database=None)
@@ -83,6 +91,26 @@ def test_rank_part_slices_equal_sharding_the_full_tensor(ps):
             want = shard(e.param.kind, full, tp, padded_vocab=padded)
             for r in range(tp):
                 assert torch.equal(rank_part(e, reader, s, tp, r, padded), want[r]), (e.name, r)
+
+
+@given(model_shapes())
+def test_parts_into_and_part_row_ranges_match_sharding(ps):
+    """The buffer path (all parts read into one buffer) == shard(full); part_row_ranges inverts it per HF tensor."""
+    s, tp = ps.shape, ps.tp
+    counts = stage_layers(s.layers, ps.pp)
+    hf = _hf_tensors(s, counts)
+    padded = padded_vocab_size(s.vocab, 4, tp)
+    buf = torch.empty(1 << 22, dtype=torch.uint8)
+    for p in range(ps.pp):
+        for e in stage_entries(s, counts, p):
+            full = hf_to_full(e, [hf[n] for n in e.hf_names], s)
+            want = shard(e.param.kind, full, tp, padded_vocab=padded)
+            got = parts_into(e, DictReader(hf), s, tp, padded, buf, full.dtype)
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), e.name
+            if e.param.kind != ROW:
+                for n in e.hf_names:
+                    rows = [want[t][a:b] for t, a, b in part_row_ranges(e, n, s, tp, padded)]
+                    assert torch.equal(torch.cat(rows), hf[n]), (e.name, n)
 
 
 @given(model_shapes(kv_below_tp=True))

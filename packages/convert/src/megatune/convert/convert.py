@@ -1,9 +1,11 @@
 """Whole-checkpoint conversions, streamed: HF dir -> Megatron legacy dir, and back.
 
-HF -> Megatron builds one rank file at a time, reading only that rank's slices (plan.rank_part) and writing each
-tensor into the rank file as soon as it is cut (torchfile.StreamingTorchFile). Megatron -> HF opens one PP stage at
-a time (memory-mapped) and streams HF tensors into pre-planned safetensors shards. Peak memory is about the largest
-tensor plus the reader's release budget, independent of model size.
+HF -> Megatron writes a PP stage's tp rank files side by side: each entry's tp parts are read straight into one
+reused buffer (plan.parts_into) and appended to the rank files (torchfile.StreamingTorchFile), so peak memory is
+about the largest entry (all its TP parts). Megatron -> HF reads each HF tensor in row chunks straight from the rank
+files' records into a small ring of buffers (MegatronReader.read_into) while a writer thread appends them to
+pre-planned safetensors shards. Both are independent of model size; written files and consumed rank files leave
+the page cache as they go (fileio.py says why).
 
 Output goes to a temporary sibling directory that is renamed into place at the end; on any error it is removed.
 """
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,7 +26,7 @@ from megatune.convert.api import resolve_dtype, resolve_layers_per_stage
 from megatune.convert.arch import architecture, check_parallel, shape_of
 from megatune.convert.errors import ConvertError
 from megatune.convert.hf_io import AUX_FILES, HFReader, HFWriter, copy_aux_files, read_config
-from megatune.convert.layout import padded_vocab_size, shard
+from megatune.convert.layout import padded_vocab_size
 from megatune.convert.megatron_io import (
     dtype_name,
     megatron_args_namespace,
@@ -31,10 +35,11 @@ from megatune.convert.megatron_io import (
     write_meta,
 )
 from megatune.convert.megatron_reader import MegatronReader
-from megatune.convert.plan import hf_shape, hf_to_full, is_tied_copy, rank_shape, stage_entries
+from megatune.convert.plan import hf_shape, is_tied_copy, parts_into, rank_shape, stage_entries
 from megatune.convert.torchfile import Pending, StreamingTorchFile
 
 FORMAT_VERSION = 1
+RING_SLOTS, SLOT_BYTES = 4, 64 << 20  # Megatron -> HF read/write pipeline: 256 MB in flight at most
 
 
 @contextlib.contextmanager
@@ -130,15 +135,21 @@ def hf_to_megatron(
                 path = rank_file(tmp, "release", t, p, pp)
                 path.parent.mkdir(parents=True)
                 files.append(StreamingTorchFile(path, skeleton))
+            # One buffer, sized for the stage's largest entry, takes every entry's parts in turn (plan.parts_into):
+            # reused memory needs no fresh page faults, and each byte is copied once on the way in.
+            src = [reader.dtype(e.hf_names[0]) for e in entries]
+            buf = torch.empty(max(tp * math.prod(s) * d.itemsize for s, d in zip(shapes[p], src)), dtype=torch.uint8)
             for i, e in enumerate(entries):
-                full = hf_to_full(e, [reader.read(n).to(to) for n in e.hf_names], shape)  # (rows, ...)
-                for f, part in zip(files, shard(e.param.kind, full, tp, padded_vocab=padded)):
-                    f.write(str(i), part)
-                    bar.update(part.numel() * part.element_size())
-                del full
+                parts = parts_into(e, reader, shape, tp, padded, buf, src[i])
+                for f, part in zip(files, parts):
+                    f.write(str(i), part.to(to))  # .to: a copy only when converting dtypes
+                    bar.update(part.numel() * to.itemsize)
+                del parts
+            del buf
             for f in files:
                 f.close()
         bar.close()
+        reader.release()
         write_meta(tmp, meta)
         copy_aux_files(hf_dir, tmp)
         write_latest(tmp, "release")  # last: a reader never sees a tracker pointing at missing files
@@ -166,11 +177,31 @@ def megatron_to_hf(
     bar = Progress(sum(torch.Size(s).numel() * to.itemsize for _, s, _ in specs), "Megatron -> HF", progress)
     with atomic_dir(out_dir, overwrite) as tmp:
         writer = HFWriter(tmp, specs, max_shard_size)
-        for n, _, _ in specs:
-            pieces = list(reader.stream(n))
-            writer.write(n, *pieces)
-            bar.update(sum(t.numel() * t.element_size() for t in pieces))
-            del pieces
+        # A two-stage pipeline over a ring of buffers: this thread reads row chunks straight from the rank files
+        # (MegatronReader.read_into), a writer thread appends them to the shards, so disk reads and writes
+        # overlap (each byte is copied once each way; memory is the ring, whatever the tensor sizes).
+        ring = torch.empty(RING_SLOTS, SLOT_BYTES, dtype=torch.uint8)
+        pending: list[Future | None] = [None] * RING_SLOTS
+        k = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="hf-writer") as pool:
+            for n, s, _ in specs:
+                rows, row = (s[0], math.prod(s[1:]) * to.itemsize) if s else (1, to.itemsize)
+                assert row <= SLOT_BYTES, f"{n}: a row of {row} bytes exceeds the {SLOT_BYTES}-byte buffer slot"
+                step = SLOT_BYTES // row
+                for r0 in range(0, rows, step):
+                    r1 = min(rows, r0 + step)
+                    if pending[k] is not None:
+                        pending[k].result()  # the slot's previous chunk is on disk (re-raises a write error)
+                    chunk = ring[k, :(r1 - r0) * row].view(to)
+                    chunk = chunk.view(r1 - r0, *s[1:]) if s else chunk[0]
+                    reader.read_into(n, chunk, r0, r1)
+                    pending[k] = pool.submit(writer.write, n, chunk)
+                    bar.update((r1 - r0) * row)
+                    k = (k + 1) % RING_SLOTS
+            for f in pending:
+                if f is not None:
+                    f.result()
+        del ring
         writer.close()
         bar.close()
         reader.release()

@@ -1,14 +1,15 @@
 """Hugging Face safetensors checkpoints: a slice reader and a streaming sharded writer.
 
-Memory: the reader reads each requested slice into a fresh tensor with positional reads (no mmap), so RSS is only
-what the caller holds. The writer knows every name/shape/dtype up front, writes each shard's header first, then
-each tensor's bytes as they arrive (a tensor may arrive in dim-0 pieces, e.g. one per TP rank).
+Memory: the reader reads each requested slice with positional reads (no mmap) into a fresh tensor or the caller's
+buffer, so RSS is only what the caller holds. The writer knows every name/shape/dtype up front, writes each shard's
+header first, then each tensor's bytes as they arrive (a tensor may arrive in dim-0 pieces, e.g. one per TP rank).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from megatune.convert.errors import ConvertError
+from megatune.convert.fileio import IOV_MAX, SequentialWriter, as_bytes, preadv_full, read_into
 
 INDEX = "model.safetensors.index.json"
 # Files copied along with the weights (config, generation config, tokenizer and chat template).
@@ -61,10 +63,12 @@ def read_header(path: Path) -> tuple[int, dict]:
 class HFReader:
     """Reader (see plan.Reader) over a directory of safetensors shards.
 
-    Reads with plain positional reads into fresh tensors rather than through an mmap: no page-fault cost per 4 KiB,
-    and nothing stays mapped, so RSS is just the tensors the caller holds. A dim-0 slice reads only its bytes."""
+    Reads with positional reads rather than through an mmap: no page-fault cost per 4 KiB, nothing stays mapped,
+    so RSS is just the tensors the caller holds. `read_rows_into` / `read_cols_into` fill the caller's (reused)
+    buffers, which also saves the first-touch page faults of a fresh tensor per read."""
 
     def __init__(self, hf_dir: str | Path):
+        self._fds: dict[Path, int] = {}  # shard file descriptors, kept open between reads
         self.dir = Path(hf_dir)
         self.bytes_read = 0
         self._headers: dict[str, tuple[int, dict]] = {}
@@ -108,28 +112,62 @@ class HFReader:
             raise ConvertError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         return DTYPES[info["dtype"]]
 
-    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    def _span(self, name: str) -> tuple[int, int, list[int], torch.dtype, int]:
+        """(fd, file offset of the data, shape, dtype, bytes per dim-0 row) of a validated tensor."""
         path, data_start, info = self._info(name)
         shape, dtype = list(info["shape"]), self.dtype(name)
         begin, end = info["data_offsets"]
         if math.prod(shape) * dtype.itemsize != end - begin:
             raise ConvertError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {shape} {info['dtype']}; "
                                f"corrupt file, re-download the model")
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(self._fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead when cold
+        row = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
+        return self._fds[path], data_start + begin, shape, dtype, row
+
+    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """A fresh tensor (the API path); a dim-0 slice reads only its rows."""
+        shape, dtype = self._span(name)[2:4]
         if start is not None and dim == 0:  # rows are contiguous: read just them
-            row = math.prod(shape[1:]) * dtype.itemsize
-            begin, shape[0] = begin + start * row, stop - start
-        out = torch.empty(shape, dtype=dtype)
-        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
-        with open(path, "rb") as f:
-            f.seek(data_start + begin)
-            got = f.readinto(buf)
-        if got != len(buf):
-            raise ConvertError(f"{path}: tensor {name!r} truncated; re-download the model")
-        self.bytes_read += len(buf)
-        return out if start is None or dim == 0 else out.narrow(dim, start, stop - start)
+            out = torch.empty([stop - start, *shape[1:]], dtype=dtype)
+            return self.read_rows_into(name, start, stop, out)
+        out = self.read_rows_into(name, 0, shape[0] if shape else 1, torch.empty(shape, dtype=dtype))
+        return out if start is None else out.narrow(dim, start, stop - start)
+
+    def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 straight into `out` (contiguous, same dtype): one positional read."""
+        fd, offset, _, dtype, row = self._span(name)
+        assert out.is_contiguous() and out.dtype == dtype and out.numel() * dtype.itemsize == (stop - start) * row
+        if out.numel():
+            if read_into(fd, offset + start * row, as_bytes(out)) != (stop - start) * row:
+                raise ConvertError(f"{self.dir / self.files[name]}: tensor {name!r} truncated; re-download the model")
+            self.bytes_read += (stop - start) * row
+        return out
+
+    def read_cols_into(self, name: str, outs: list[torch.Tensor]) -> None:
+        """Split every row of a 2-D tensor into len(outs) equal column blocks, block t into outs[t]: the file is read
+        sequentially, scattered by preadv (up to IOV_MAX row pieces per call), so no gather copy is needed."""
+        fd, offset, shape, dtype, row = self._span(name)
+        piece = row // len(outs)
+        assert all(o.is_contiguous() and o.dtype == dtype and o.numel() * dtype.itemsize == shape[0] * piece
+                   for o in outs)
+        views = [as_bytes(o) for o in outs]
+        step = max(1, IOV_MAX // len(outs))
+        for r0 in range(0, shape[0], step):
+            iov = [v[r * piece:(r + 1) * piece] for r in range(r0, min(shape[0], r0 + step)) for v in views]
+            if preadv_full(fd, iov, offset + r0 * row) != len(iov) * piece:
+                raise ConvertError(f"{self.dir / self.files[name]}: tensor {name!r} truncated; re-download the model")
+        self.bytes_read += shape[0] * row
 
     def release(self) -> None:
-        """Nothing stays open between reads; kept for symmetry with MegatronReader."""
+        """Close the shard files (reopened on the next read)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[list[int]]:
@@ -149,13 +187,16 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard
 class HFWriter:
     """Streams tensors, in the planned order, into model.safetensors or model-0000i-of-0000n.safetensors + index."""
 
-    def __init__(self, out_dir: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int):
+    def __init__(self, out_dir: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int,
+                 keep_cache: bool = False):
         self.dir = Path(out_dir)
+        self.keep_cache = keep_cache  # False: written shards leave the page cache (fileio.SequentialWriter)
         self.specs = specs
         self.shards = plan_shards(specs, max_shard_size)
         n = len(self.shards)
         self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._next = 0  # index into specs of the next tensor expected
+        self._rows = 0  # rows of it written so far
         self._shard = -1
         self._f = None
 
@@ -171,22 +212,25 @@ class HFWriter:
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
-        self._f = open(self.dir / self.files[s], "wb")  # noqa: SIM115 - closed in _start_shard/close
+        self._f = SequentialWriter(self.dir / self.files[s], self.keep_cache)  # closed in _start_shard/close
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._shard = s
 
     def write(self, name: str, *pieces: torch.Tensor) -> None:
-        """Write tensor `name`, given whole or as consecutive dim-0 pieces (concatenated on disk, never in memory)."""
+        """Write tensor `name`, given whole or as consecutive dim-0 pieces (concatenated on disk, never in memory).
+        Pieces may also come over several calls (the Megatron -> HF pipeline writes row chunks as they are read)."""
         want, shape, dtype = self.specs[self._next]
-        got = (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]) if pieces[0].dim() else tuple(pieces[0].shape)
-        assert name == want and got == shape and all(p.dtype == dtype for p in pieces), \
-            f"expected {want} {shape} {dtype}, got {name} {got} {pieces[0].dtype}"
-        shard = next(s for s, idx in enumerate(self.shards) if self._next in idx)
-        if shard != self._shard:
-            self._start_shard(shard)
         for p in pieces:
+            assert name == want and p.dtype == dtype and tuple(p.shape[1:]) == shape[1:] and \
+                (p.dim() or not shape), f"expected {want} {shape} {dtype}, got {name} {tuple(p.shape)} {p.dtype}"
+            shard = next(s for s, idx in enumerate(self.shards) if self._next in idx)
+            if shard != self._shard:
+                self._start_shard(shard)
             self._f.write(p.contiguous().view(-1).view(torch.uint8).numpy().data)
-        self._next += 1
+            self._rows += p.shape[0] if p.dim() else 1
+        assert self._rows <= (shape[0] if shape else 1), f"{name}: more rows than {shape}"
+        if self._rows == (shape[0] if shape else 1):
+            self._next, self._rows = self._next + 1, 0
 
     def close(self) -> None:
         assert self._next == len(self.specs), f"only {self._next} of {len(self.specs)} tensors written"

@@ -132,12 +132,16 @@ def megatron_args_namespace(meta: dict, **overrides: Any) -> argparse.Namespace:
     return argparse.Namespace(**args)
 
 
-def load_rank_file(path: Path, *, mmap: bool = True) -> dict:
-    """torch.load with weights_only=True (allow-list: argparse.Namespace); mmap keeps RSS to the pages touched."""
+def load_rank_file(path: Path, *, mmap: bool = True, meta: bool = False) -> dict:
+    """torch.load with weights_only=True (allow-list: argparse.Namespace); mmap keeps RSS to the pages touched.
+    meta=True reads only the pickle: tensors on the meta device, each storage carrying `_checkpoint_offset`, its
+    byte offset in the file (what torch.load sets for meta/fake loading), so callers can read records directly."""
     if not path.is_file():
         raise ConvertError(f"{path}: rank file not found; the checkpoint is incomplete or was written with a "
                            f"different tp/pp than megatune.json says")
     try:
+        if meta:
+            return torch.load(path, map_location="meta", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

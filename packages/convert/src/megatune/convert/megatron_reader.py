@@ -1,26 +1,30 @@
 """A Reader (plan.Reader) that serves *HF-named full tensors* out of a Megatron legacy checkpoint.
 
 Re-sharding tp=a -> tp=b and exporting to HF both reduce to "read the HF tensor, cut the target part", so the same
-`rank_part` / `full_to_hf` code serves every direction. One PP stage's rank files are open at a time, memory-mapped,
-and re-opened every `release_bytes` so that pages already consumed leave the process's RSS.
+`rank_part` code serves every direction. The rank files are read record by record with positional reads, not
+through torch.load's mmap: the pickle is loaded on the meta device (shapes, dtypes, file offsets, no data), then
+each HF tensor is assembled straight from its rows in the rank files (plan.part_row_ranges) into the caller's
+buffer (`read_into`). Nothing stays mapped, no page-fault storm, and consumed pages leave the page cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import os
 from pathlib import Path
 
 import torch
 from megatune.convert.arch import EMBEDDING, Shape, shape_of
 from megatune.convert.errors import ConvertError
-from megatune.convert.layout import VOCAB, unshard
+from megatune.convert.fileio import IOV_MAX, as_bytes, drop_cache, preadv_full
+from megatune.convert.layout import ROW
 from megatune.convert.megatron_io import load_rank_file, rank_file, read_latest, read_meta
-from megatune.convert.plan import Entry, full_to_hf, hf_shape, is_tied_copy, rank_shape, stage_entries
+from megatune.convert.plan import Entry, hf_shape, is_tied_copy, part_row_ranges, rank_shape, stage_entries
 
 
 class MegatronReader:
-    def __init__(self, ckpt_dir: str | Path, iteration: int | str | None = None, meta: dict | None = None,
-                 release_bytes: int = 512 << 20):
+    def __init__(self, ckpt_dir: str | Path, iteration: int | str | None = None, meta: dict | None = None):
+        self._files: list[tuple[Path, int, dict[str, torch.Tensor]]] = []  # (path, fd, meta-device model)
         self.dir = Path(ckpt_dir)
         self.meta = meta or read_meta(self.dir)
         self.iteration = read_latest(self.dir) if iteration is None else iteration
@@ -28,7 +32,6 @@ class MegatronReader:
         self.tp, self.pp = self.meta["tp"], self.meta["pp"]
         self.counts = list(self.meta["layers_per_stage"])
         self.padded = self.meta["padded_vocab_size"]
-        self.release_bytes = release_bytes
         self.where: dict[str, tuple[int, Entry]] = {}  # hf name -> (stage, entry)
         for stage in range(self.pp):
             for e in stage_entries(self.dims, self.counts, stage, self.meta["naming"]):
@@ -36,9 +39,8 @@ class MegatronReader:
                     for n in e.hf_names:
                         self.where[n] = (stage, e)
         self._stage: int | None = None
-        self._files: list[dict[str, torch.Tensor]] = []
-        self._since_load = 0
-        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None  # last entry's HF tensors
+        self._cache: tuple[str, torch.Tensor] | None = None  # read(): the last HF tensor, for repeated slices
+        self._dtype: torch.dtype | None = None
         self._check_rank_dirs()
 
     def _check_rank_dirs(self) -> None:
@@ -68,59 +70,86 @@ class MegatronReader:
         return list(self.where)
 
     def _open_stage(self, stage: int) -> None:
-        self._files = []  # drop the old maps first so two stages are never mapped at once
-        self._files = [load_rank_file(rank_file(self.dir, self.iteration, t, stage, self.pp))["model"]
-                       for t in range(self.tp)]
-        self._stage, self._since_load = stage, 0
-
-    def _entry_tensors(self, hf_name: str) -> dict[str, torch.Tensor]:
-        if hf_name not in self.where:
-            raise ConvertError(f"{self.dir}: no Megatron parameter maps to HF tensor {hf_name!r}")
-        stage, entry = self.where[hf_name]
-        if self._cache and self._cache[0] == entry.name + f"@{stage}":
-            return self._cache[1]
-        if stage != self._stage or self._since_load >= self.release_bytes:
-            self._open_stage(stage)
-        parts = []
-        want = rank_shape(entry, hf_shape(entry.hf_names[0], self.dims), self.dims, self.tp, self.padded)
-        for t, model in enumerate(self._files):
+        self.release()
+        for t in range(self.tp):
             path = rank_file(self.dir, self.iteration, t, stage, self.pp)
-            parts.append(self._checked(model, entry, path, want))
-        full = unshard(entry.param.kind, parts, vocab_size=self.dims.vocab)
-        tensors = full_to_hf(entry, full, self.dims)  # contiguous copies: the maps can be dropped safely
-        self._since_load += sum(t.numel() * t.element_size() for t in tensors.values())
-        self._cache = (entry.name + f"@{stage}", tensors)
-        return tensors
+            model = load_rank_file(path, meta=True)["model"]
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead: records are read in order
+            self._files.append((path, fd, model))
+        self._stage = stage
 
     def dtype(self) -> torch.dtype:
         """The stored dtype (read from rank 0's embedding header; no data is touched)."""
-        model = load_rank_file(rank_file(self.dir, self.iteration, 0, 0, self.pp))["model"]
-        return model[EMBEDDING.local].dtype
-
-    def stream(self, hf_name: str) -> Iterator[torch.Tensor]:
-        """The HF tensor as consecutive dim-0 pieces. Embedding / output layer (the largest tensors) come one TP
-        part at a time straight from each rank file's map, never concatenated; everything else in one piece."""
-        stage, entry = self.where.get(hf_name, (None, None))
-        if entry is None or entry.param.kind != VOCAB:
-            yield self.read(hf_name)
-            return
-        self.release()
-        rows = self.padded // self.tp
-        want = (rows, self.dims.hidden)
-        for t in range(self.tp):
-            path = rank_file(self.dir, self.iteration, t, stage, self.pp)
-            part = self._checked(load_rank_file(path)["model"], entry, path, want)
-            keep = max(0, min(rows, self.dims.vocab - t * rows))  # strip the vocab padding
-            if keep:
-                yield part[:keep]
-            del part  # drops this file's map before the next one is opened
+        if self._dtype is None:
+            model = load_rank_file(rank_file(self.dir, self.iteration, 0, 0, self.pp), meta=True)["model"]
+            self._dtype = model[EMBEDDING.local].dtype
+        return self._dtype
 
     def shape(self, name: str) -> tuple[int, ...]:
         return hf_shape(name, self.dims)
 
+    def read_into(self, hf_name: str, out: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Fill `out` (contiguous, the stored dtype) with rows [start, stop) of HF tensor `hf_name` (default: all),
+        read directly from the rank files: dim-0 row ranges for most kinds, a preadv scatter of each part's rows
+        for ROW kind."""
+        if hf_name not in self.where:
+            raise ConvertError(f"{self.dir}: no Megatron parameter maps to HF tensor {hf_name!r}")
+        stage, entry = self.where[hf_name]
+        if stage != self._stage:
+            self._open_stage(stage)
+        want = rank_shape(entry, hf_shape(entry.hf_names[0], self.dims), self.dims, self.tp, self.padded)
+        parts = [self._checked(model, entry, path, want) for path, _, model in self._files]
+        full = self.shape(hf_name)
+        stop = (full[0] if full else 1) if stop is None else stop
+        assert out.is_contiguous() and tuple(out.shape) == ((stop - start, *full[1:]) if full else ()), hf_name
+        if parts[0].dtype != out.dtype:
+            raise ConvertError(f"{self._files[0][0]}: tensor {entry.name!r} is {parts[0].dtype}, expected "
+                               f"{out.dtype} like the embedding; mixed-dtype checkpoints are not supported")
+        dst = as_bytes(out)
+        if entry.param.kind == ROW:  # HF row r = [part_0 row r, part_1 row r, ...]
+            piece = full[1] * out.element_size() // self.tp
+            for t, part in enumerate(parts):
+                for r0 in range(start, stop, IOV_MAX):
+                    iov = [dst[((r - start) * self.tp + t) * piece:((r - start) * self.tp + t + 1) * piece]
+                           for r in range(r0, min(stop, r0 + IOV_MAX))]
+                    self._read(t, part, r0 * piece, iov)
+            return out
+        row = math.prod(full[1:]) * out.element_size()
+        at, hf_row = 0, 0  # bytes filled; HF row at the start of the current range
+        for t, a, b in part_row_ranges(entry, hf_name, self.dims, self.tp, self.padded):
+            lo, hi = max(start, hf_row), min(stop, hf_row + b - a)  # this range clipped to [start, stop)
+            if lo < hi:
+                self._read(t, parts[t], (a + lo - hf_row) * row, [dst[at:at + (hi - lo) * row]])
+                at += (hi - lo) * row
+            hf_row += b - a
+        assert at == len(dst), (hf_name, at, len(dst))
+        return out
+
+    def _read(self, t: int, part: torch.Tensor, start: int, iov: list[memoryview]) -> None:
+        """Bytes [start, start + len(iov)) of rank t's stored `part` (a meta tensor) into the iov buffers."""
+        path, fd, _ = self._files[t]
+        if not part.is_contiguous():
+            raise ConvertError(f"{path}: a non-contiguous tensor of shape {tuple(part.shape)} is stored; "
+                               f"re-save the checkpoint with contiguous parameters")
+        offset = part.untyped_storage()._checkpoint_offset + part.storage_offset() * part.element_size() + start
+        n = sum(len(v) for v in iov)
+        if preadv_full(fd, iov, offset) != n:
+            raise ConvertError(f"{path}: truncated (a record ends past the end of the file); the file is corrupt")
+        drop_cache(fd, offset, n)  # read once: let the pages go rather than grow the page cache
+
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        t = self._entry_tensors(name)[name]
+        """A fresh tensor (the API path); the last tensor is kept so that rank_part's repeated slices read once."""
+        if self._cache is None or self._cache[0] != name:
+            self._cache = None
+            self._cache = (name, self.read_into(name, torch.empty(self.shape(name), dtype=self.dtype())))
+        t = self._cache[1]
         return t if start is None else t.narrow(dim, start, stop - start)
 
     def release(self) -> None:
+        for _, fd, _ in self._files:
+            os.close(fd)
         self._files, self._stage, self._cache = [], None, None
+
+    def __del__(self) -> None:
+        self.release()

@@ -7,6 +7,7 @@ check that equivalence. Apart from the reader callback everything here is pure.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,6 +33,14 @@ class Reader(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor: ...
+
+
+class IntoReader(Reader, Protocol):
+    """A Reader that can also fill caller-owned buffers (what `parts_into` needs)."""
+
+    def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor: ...
+
+    def read_cols_into(self, name: str, outs: list[torch.Tensor]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,71 @@ def _qkv_part(names: Sequence[str], reader: Reader, shape: Shape, tp: int, rank:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
+def parts_into(entry: Entry, reader: IntoReader, shape: Shape, tp: int, padded_vocab: int, buf: torch.Tensor,
+               dtype: torch.dtype) -> list[torch.Tensor]:
+    """All tp parts of `entry`, == shard(kind, hf_to_full(...)), read straight into `buf` (uint8, reused across
+    entries) in rank order: no full tensor is built and nothing is concatenated, so each byte is copied once."""
+    p, names = entry.param, entry.hf_names
+    hf0 = reader.shape(names[0])
+    part = rank_shape(entry, hf0, shape, tp, padded_vocab)
+    n = 1 if p.kind == REPLICATED else tp
+    size = n * math.prod(part)
+    flat = buf[:size * dtype.itemsize].view(dtype)
+    parts = list(flat.view(n, *part).unbind(0))
+    if p.kind == ROW:  # rank t holds columns block t of every row
+        reader.read_cols_into(names[0], parts)
+        return parts
+    rows = flat.view(-1, *part[1:])  # the parts stacked along dim 0: filled by HF row ranges, in order
+    at = 0
+    for name, a, b in _row_segments(entry, shape, tp, padded_vocab, hf0):
+        if name is None:
+            rows[at:at + b - a].zero_()
+        else:
+            reader.read_rows_into(name, a, b, rows[at:at + b - a])
+        at += b - a
+    assert at == rows.shape[0], (entry.name, at, rows.shape)
+    return parts * tp if p.kind == REPLICATED else parts
+
+
+def _row_segments(entry: Entry, shape: Shape, tp: int, padded_vocab: int, hf0: tuple[int, ...]):
+    """(hf name, start, stop) row ranges whose concatenation is the entry's parts stacked in rank order;
+    name None is zero rows (vocab padding)."""
+    p, names = entry.param, entry.hf_names
+    if p.fmt == "qkv":  # the full fused tensor is group-major [q_g; k_g; v_g]; the parts are its tp chunks
+        hd, qpg = shape.head_dim, shape.heads // shape.groups
+        for g in range(shape.groups):
+            yield names[0], g * qpg * hd, (g + 1) * qpg * hd
+            yield names[1], g * hd, (g + 1) * hd
+            yield names[2], g * hd, (g + 1) * hd
+    elif p.kind == FC1:  # rank t: [gate_t; up_t]
+        for t in range(tp):
+            a, b = chunk_bounds(hf0[0], tp, t)
+            yield names[0], a, b
+            yield names[1], a, b
+    elif p.kind == VOCAB:
+        yield names[0], 0, hf0[0]
+        yield None, hf0[0], padded_vocab
+    else:  # column (parts are consecutive row chunks) or replicated (one copy)
+        yield names[0], 0, hf0[0]
+
+
+def part_row_ranges(entry: Entry, hf_name: str, shape: Shape, tp: int, padded_vocab: int) -> list[tuple[int, int, int]]:
+    """Where HF tensor `hf_name`'s dim-0 rows lie in the entry's stored parts: (rank, start, stop) in HF row order.
+    The inverse of `parts_into`, derived from the same `_row_segments` (not for ROW kind: split along dim 1)."""
+    hf0 = hf_shape(entry.hf_names[0], shape)
+    per = rank_shape(entry, hf0, shape, tp, padded_vocab)[0]  # rows per part
+    out, at = [], 0
+    for name, a, b in _row_segments(entry, shape, tp, padded_vocab, hf0):
+        s, end = at, at + b - a
+        while name == hf_name and s < end:  # split the stacked range at part boundaries
+            t, r = divmod(s, per)
+            n = min(per - r, end - s)
+            out.append((t, r, r + n))
+            s += n
+        at += b - a
+    return out
+
+
 class DictReader:
     """A Reader over in-memory tensors (tests, and resharding already-loaded checkpoints)."""
 
@@ -158,6 +232,13 @@ class DictReader:
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         t = self.tensors[name]
         return t if start is None else t.narrow(dim, start, stop - start)
+
+    def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.tensors[name][start:stop])
+
+    def read_cols_into(self, name: str, outs: list[torch.Tensor]) -> None:
+        for o, t in zip(outs, torch.chunk(self.tensors[name], len(outs), dim=1)):
+            o.copy_(t)
 
 
 def hf_shape(hf_name: str, shape: Shape) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from megatune.convert.fileio import SequentialWriter
 from torch.serialization import _get_storage_alignment
 
 
@@ -72,8 +73,11 @@ class StreamingTorchFile:
         _SkeletonPickler(buf, protocol=2).dump(skeleton)
         self._expected = {p.key: p for p in _pendings(skeleton)}
         self._written: set[str] = set()
-        # no CRC32: it costs a CPU pass over every byte and torch.load does not need it
-        self._zip = torch._C.PyTorchFileWriter(str(self.path), False, _get_storage_alignment())
+        # The writer's file-object overload (what torch.save uses for buffers) emits the same bytes as its
+        # file-name one; it lets SequentialWriter keep written data from piling up in the page cache.
+        # No CRC32: it costs a CPU pass over every byte and torch.load does not need it.
+        self._out = SequentialWriter(self.path)
+        self._zip = torch._C.PyTorchFileWriter(self._out, False, _get_storage_alignment())
         data = buf.getvalue()
         self._zip.write_record("data.pkl", data, len(data))
         self._zip.write_record(".format_version", "1", 1)
@@ -98,6 +102,7 @@ class StreamingTorchFile:
         missing = set(self._expected) - self._written
         assert not missing, f"{self.path}: tensors never written: {sorted(missing)[:5]}"
         self._zip.write_end_of_file()
+        self._out.close()
 
     def __enter__(self) -> StreamingTorchFile:
         return self
@@ -107,6 +112,7 @@ class StreamingTorchFile:
             self.close()
         else:
             self._zip.write_end_of_file()  # leave a closed (discardable) file; the caller removes the temp dir
+            self._out.close()
 
 
 def _pendings(obj: Any):
