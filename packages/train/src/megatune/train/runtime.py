@@ -85,13 +85,17 @@ def resolve_source(sft) -> Source:
     return Source(d, "hf", d.name, {"hf_config": hf_config, "model_type": sft.model_type or hf_config.get("model_type")})
 
 
-def check_parallel(hf_config: dict, tp: int, pp: int) -> None:
-    heads = int(hf_config["num_attention_heads"])
-    kv = int(hf_config.get("num_key_value_heads") or heads)
+def check_parallel(hf_config: dict, tp: int, pp: int, where: str = "config.json") -> None:
+    """The converter's tp constraints (megatron-core's asserts) plus pp <= layers, as one-line TrainErrors."""
+    from megatune.convert.arch import check_parallel as check_tp
+    from megatune.convert.arch import shape_of
+    from megatune.convert.errors import ConvertError
+
+    try:
+        check_tp(shape_of(hf_config), tp, where)
+    except ConvertError as e:
+        raise TrainError(f"--tp {tp}: {e}") from None
     layers = int(hf_config["num_hidden_layers"])
-    if heads % tp or (kv % tp and tp % kv):
-        raise TrainError(f"--tp {tp} does not divide the model's {heads} attention heads / {kv} KV heads; "
-                         f"choose a tp that divides both (e.g. {math.gcd(heads, kv)})")
     if pp > layers:
         raise TrainError(f"--pp {pp} is more than the model's {layers} layers; choose pp <= {layers}")
 
@@ -224,7 +228,7 @@ def build_run(sft, *, progress: bool = True):
         raise TrainError(f"--tp {sft.tp} x --pp {sft.pp} = {sft.tp * sft.pp} does not divide the world size "
                          f"{world_size}; launch a multiple of {sft.tp * sft.pp} processes (NPROC_PER_NODE x NNODES)")
     hf_config = source.meta["hf_config"]
-    check_parallel(hf_config, sft.tp, sft.pp)
+    check_parallel(hf_config, sft.tp, sft.pp, where=f"{source.path}/config.json")
     saved = (source.meta.get("tp"), source.meta.get("pp"))
     if source.kind == "run" and saved != (sft.tp, sft.pp):
         raise TrainError(f"{source.path}: run saved with tp={saved[0]} pp={saved[1]}, this run has tp={sft.tp} "

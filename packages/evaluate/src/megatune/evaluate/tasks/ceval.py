@@ -76,7 +76,8 @@ def load(root: Path | str | None, split: str = SPLIT) -> dict[str, list[Example]
     if root is not None:
         files = csv_subjects(root / NAME, split)
         if files:
-            return {s: [_example(s, row, f"{path}:{i + 2}") for i, row in enumerate(read_csv(path, header=True))]
+            # record numbers (after the header), not line numbers: C-Eval fields span lines
+            return {s: [_example(s, row, f"{path} record {i + 1}") for i, row in enumerate(read_csv(path, header=True))]
                     for s, path in files.items()}
 
     def fetch() -> dict[str, list[Example]]:
