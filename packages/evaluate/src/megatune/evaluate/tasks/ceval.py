@@ -14,11 +14,10 @@ from megatune.evaluate.engine import UserError
 from megatune.evaluate.tasks.common import (
     Example,
     choices_block,
-    csv_subjects,
     data_root,
     hub_or_fail,
+    load_csv_subjects,
     load_hub,
-    read_csv,
 )
 
 NAME, SPLIT, FEWSHOT_SPLIT, KIND = "ceval", "val", "dev", "choice"
@@ -74,11 +73,9 @@ def _example(subject: str, row: dict, where: str) -> Example:
 def load(root: Path | str | None, split: str = SPLIT) -> dict[str, list[Example]]:
     root = data_root(root)
     if root is not None:
-        files = csv_subjects(root / NAME, split)
-        if files:
-            # record numbers (after the header), not line numbers: C-Eval fields span lines
-            return {s: [_example(s, row, f"{path} record {i + 1}") for i, row in enumerate(read_csv(path, header=True))]
-                    for s, path in files.items()}
+        local = load_csv_subjects(root / NAME, split, True, _example)
+        if local:
+            return local
 
     def fetch() -> dict[str, list[Example]]:
         return {s: [_example(s, row, f"ceval/ceval-exam {s}/{split}") for row in load_hub("ceval/ceval-exam", s, split)]

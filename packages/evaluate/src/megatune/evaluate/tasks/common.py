@@ -73,6 +73,14 @@ def csv_subjects(folder: Path, split: str) -> dict[str, Path]:
     return {p.name[:-len(suffix)]: p for p in files}
 
 
+def load_csv_subjects(folder: Path, split: str, header: bool, make: Callable) -> dict[str, list[Example]]:
+    """{subject: [make(subject, row, where)]} for folder/<split>/<subject>_<split>.csv ({} if none).
+
+    `where` names the CSV record (after any header), not the line: fields span lines in these files."""
+    return {s: [make(s, row, f"{path} record {i + 1}") for i, row in enumerate(read_csv(path, header=header))]
+            for s, path in csv_subjects(folder, split).items()}
+
+
 def offline_reason() -> str | None:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):

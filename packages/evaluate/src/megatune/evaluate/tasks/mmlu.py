@@ -14,11 +14,10 @@ from megatune.evaluate.engine import UserError
 from megatune.evaluate.tasks.common import (
     Example,
     choices_block,
-    csv_subjects,
     data_root,
     hub_or_fail,
+    load_csv_subjects,
     load_hub,
-    read_csv,
 )
 
 NAME, SPLIT, FEWSHOT_SPLIT, KIND = "mmlu", "test", "dev", "choice"
@@ -34,11 +33,9 @@ def _example(subject: str, row: list[str], where: str) -> Example:
 def load(root: Path | str | None, split: str = SPLIT) -> dict[str, list[Example]]:
     root = data_root(root)
     if root is not None:
-        files = csv_subjects(root / NAME, split)
-        if files:
-            # row numbers count CSV records, not lines: fields span lines
-            return {s: [_example(s, row, f"{path} record {i + 1}") for i, row in enumerate(read_csv(path, header=False))]
-                    for s, path in files.items()}
+        local = load_csv_subjects(root / NAME, split, False, _example)
+        if local:
+            return local
 
     def fetch() -> dict[str, list[Example]]:
         out: dict[str, list[Example]] = {}
