@@ -43,22 +43,6 @@ def margs_for(*, bf16: bool, distributed: bool, gbs: int):
         train_iters=10_000, lr_decay_style="constant", lr_warmup_iters=0, loss_scale=None)
 
 
-def wrap_overlapped(chunks: list) -> list:
-    """runtime.wrap_model with overlap_grad_reduce on (the hook this benchmark proposes for GPU runs)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.transformer.module import Float16Module
-
-    config = chunks[0].config
-    config.calculate_per_token_loss = True
-    config.finalize_model_grads_func = finalize_model_grads
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
-                                               average_in_collective=False, use_distributed_optimizer=True)
-    model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=Float16Module(config, c))
-             for c in chunks]
-    config.no_sync_func = model[0].no_sync  # grad accumulation: reduce only after the last micro-batch
-    return model
-
-
 def microbatch(vocab: int, mbs: int, seq: int, seed: int, device) -> dict:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
@@ -76,8 +60,24 @@ def top_kernels(prof, limit: int = 15) -> list[tuple[str, float, int]]:
     return sorted(rows, key=lambda r: -r[1])[:limit]
 
 
-def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warmup: int, overlap: bool,
-                   profile: bool, fused_adamw: bool = False) -> dict:
+def stock_optimizer(optimizer) -> None:
+    """Undo optim.build_optimizer's kernel choices: megatron-core's own fallbacks without TE/apex (torch AdamW with
+    foreach kernels, per-tensor Python L2 norm / scale). For the ablation row only."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mc_optimizer
+
+    for g in optimizer.param_groups:
+        if "fused" in g:
+            g["fused"], g["foreach"] = False, True
+    clip_grads.l2_norm_impl = utils.local_multi_tensor_l2_norm
+    clip_grads.multi_tensor_scale_impl = mc_optimizer.multi_tensor_scale_impl = utils.local_multi_tensor_scale
+
+
+def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warmup: int, profile: bool,
+                   overlap: bool | None = None, stock: bool = False, accum: int = 1) -> dict:
+    """megatune's real training step: `accum` micro-batches of `mbs` sequences per DP rank and optimizer step.
+    overlap: runtime.wrap_model's overlap_grad_reduce (None = its default); stock: stock_optimizer()."""
     from megatron.core import parallel_state as ps
     from megatune.train import optim, runtime, steps
     from megatune.train.distributed import init_distributed
@@ -87,19 +87,18 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     dist = init_distributed(tp, 1, seed=0)
     chunks = build_model(cfg, tp=tp, pp=1, params_dtype=torch.bfloat16 if gpu else torch.float32,
                          sequence_parallel=tp > 1, seq_length=seq)
-    gbs = mbs * dist.dp
+    gbs = mbs * dist.dp * accum
     margs = margs_for(bf16=gpu, distributed=gpu, gbs=gbs)
-    model = wrap_overlapped(chunks) if overlap else runtime.wrap_model(chunks, margs, cpu=not gpu)
+    model = runtime.wrap_model(chunks, margs, cpu=not gpu, overlap_grad_reduce=overlap)
     optimizer = optim.build_optimizer(model, margs, cpu=not gpu)
     scheduler = optim.build_scheduler(optimizer, margs)
     forward_step = steps.make_forward_step(lambda batch: {"attention_mask": None})
-    if fused_adamw:
-        from megatune.train.fused import use_fused_adamw
-
-        use_fused_adamw(optimizer)
+    if stock:
+        stock_optimizer(optimizer)
+    ddp_overlap = bool(model[0].ddp_config.overlap_grad_reduce)
     # fresh random tokens every step, as the HF side: a falling loss here would mean leakage, not learning
-    batches = [[microbatch(cfg["vocab_size"], mbs, seq, 1000 * i + ps.get_data_parallel_rank(), dist.device)]
-               for i in range(warmup + steps_n + 2)]
+    batches = [[microbatch(cfg["vocab_size"], mbs, seq, 1000 * i + 10 * j + ps.get_data_parallel_rank(), dist.device)
+                for j in range(accum)] for i in range(warmup + steps_n + 2)]
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     losses = []
@@ -122,8 +121,11 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     seconds = time.perf_counter() - start
     tps = steps_n * gbs * seq / seconds
     gpus = dist.world_size
-    result = {"name": f"megatune tp{tp} dp{dist.dp}" + (" overlap" if overlap else "") + (" fusedadam" if fused_adamw else ""), "gpus": gpus,
-              "tokens_per_s": tps, "mfu": tps * flops_per_token(cfg, seq) / (gpus * H200_BF16_PEAK),
+    name = (f"megatune tp{tp} dp{dist.dp} mbs{mbs}" + (f" x{accum} accum" if accum > 1 else "")
+            + ((" overlap" if ddp_overlap else " no-overlap") if dist.dp > 1 else "")
+            + (" stock optimizer" if stock else ""))
+    result = {"name": name, "gpus": gpus, "tokens_per_s": tps,
+              "mfu": tps * flops_per_token(cfg, seq) / (gpus * H200_BF16_PEAK),
               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0, "losses": losses,
               "step_s": seconds / steps_n}
     if profile and gpu:
@@ -148,10 +150,10 @@ def worker(spec: dict) -> None:
     from megatune.train.distributed import destroy
 
     results = []
-    for overlap in spec["variants"]:
+    for i, variant in enumerate(spec["variants"]):
         results.append(bench_megatune(spec["cfg"], tp=spec["tp"], seq=spec["seq"], mbs=spec["mbs"],
-                                      steps_n=spec["steps"], warmup=spec["warmup"], overlap=overlap,
-                                      profile=spec["profile"], fused_adamw=spec.get("fused_adamw", False)))
+                                      steps_n=spec["steps"], warmup=spec["warmup"],
+                                      profile=spec["profile"] and i == 0, **variant))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["out"]).write_text(json.dumps(results))
     destroy()
@@ -178,7 +180,7 @@ def launch(n: int, spec: dict, out_dir: Path, name: str, timeout: int) -> list[d
 
 
 def fmt(r: dict) -> str:
-    return (f"{r['name'][:44]:44s} {r.get('gpus', 1):>4} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% "
+    return (f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% "
             f"{r['peak_mem_gb']:>8.1f}")
 
 
@@ -191,7 +193,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--multi", default="", help="comma list of dpN (N GPUs), tp2 (Qwen2-7B shape)")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--fused-adamw", action="store_true", help="fused.use_fused_adamw on the megatune optimizer")
+    p.add_argument("--ablate", action="store_true",
+                   help="also run the 1-GPU megatune step with megatron-core's stock optimizer fallbacks, and the "
+                        "TP2 shape with 4-micro-batch gradient accumulation")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--timeout", type=int, default=240, help="seconds per torchrun launch")
     p.add_argument("--cpu-smoke", action="store_true")
@@ -200,14 +204,14 @@ def main() -> None:
     if a.worker:
         return worker(json.loads(a.worker))
     if a.cpu_smoke:
-        r = bench_megatune(SMOKE_CFG, tp=1, seq=32, mbs=2, steps_n=2, warmup=1, overlap=False, profile=False)
+        r = bench_megatune(SMOKE_CFG, tp=1, seq=32, mbs=2, steps_n=2, warmup=1, profile=False, accum=2)
         print(fmt(r), r["losses"])
         return None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = qwen2_config(a.model)
     spec = {"cfg": cfg, "tp": 1, "seq": a.seq, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
-            "variants": [False], "profile": True, "fused_adamw": a.fused_adamw}
+            "variants": [{}, {"stock": True}] if a.ablate else [{}], "profile": True}
     date = time.strftime("%Y-%m-%d")
     gpu = torch.cuda.get_device_name(0)
     print(f"[bench] {date} {gpu} x{torch.cuda.device_count()} torch {torch.__version__} model {a.model} "
@@ -222,18 +226,21 @@ def main() -> None:
     multi = [m for m in a.multi.split(",") if m]
     if "tp2" in multi and torch.cuda.device_count() >= 2:
         cfg7 = qwen2_config("qwen2-7b")
-        rows += launch(2, dict(spec, cfg=cfg7, tp=2, profile=False), out, "megatune_tp2_qwen2-7b", a.timeout)
+        variants = [{}, {"accum": 4}] if a.ablate else [{}]
+        rows += launch(2, dict(spec, cfg=cfg7, tp=2, variants=variants), out, "megatune_tp2_qwen2-7b", a.timeout)
     dp, ndp = [], max([int(m[2:]) for m in multi if m.startswith("dp")] or [0])
     if ndp and torch.cuda.device_count() >= ndp:
-        dp = launch(ndp, dict(spec, variants=[False, True], profile=False), out, f"megatune_dp{ndp}", a.timeout)
+        dp = launch(ndp, dict(spec, variants=[{"overlap": False}, {"overlap": True}], profile=False), out,
+                    f"megatune_dp{ndp}", a.timeout)
         rows += dp
     (out / "bench_train.json").write_text(json.dumps({"date": date, "gpu": gpu, "args": vars(a), "rows": rows},
                                                      indent=1))
-    if one and one[0].get("top_kernels"):
-        print("\ntop CUDA kernels, megatune 1 GPU, 2 profiled steps (ms total, calls):")
-        for name, ms, count in one[0]["top_kernels"]:
-            print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
-    print(f"\n{'run':44s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
+    for r in rows:
+        if r.get("top_kernels"):
+            print(f"\ntop CUDA kernels, {r['name']}, 2 profiled steps (ms total, calls; step {1e3 * r['step_s']:.0f} ms):")
+            for name, ms, count in r["top_kernels"]:
+                print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
+    print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
     for r in rows:
         print(fmt(r))
     if hf and one:

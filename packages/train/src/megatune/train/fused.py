@@ -119,13 +119,72 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
 
 
 def use_fused_adamw(optimizer) -> int:
-    """Switch megatron-core's torch.optim.AdamW (its fallback without TE/apex, foreach kernels) to torch's fused
-    single-kernel AdamW; call before the first step. Returns how many param groups were switched. Measured need:
-    the foreach step took 34 ms of a 216 ms Qwen2-1.5B step on an H200 (a fused step reads/writes each fp32 state
-    once, about 10 ms). Not yet measured with this switch; checkpoint resume paths that create optimizer state
-    themselves must keep `state["step"]` on the GPU for the fused kernel."""
-    groups = [g for g in optimizer.param_groups
-              if "fused" in g and all(p.is_cuda and p.dtype == torch.float32 for p in g["params"])]
-    for g in groups:
-        g["fused"], g["foreach"] = True, False
-    return len(groups)
+    """Switch megatron-core's torch.optim.AdamW (its fallback without TE/apex: foreach kernels, several passes over
+    every fp32 state) to torch's fused single-kernel AdamW. Same update rule; measured on an H200 (BENCHMARKS.md).
+
+    Safe to call again after loading a checkpoint (it must be: torch's `load_state_dict` restores the saved groups'
+    `fused` flags): the fused kernel needs each parameter's `state["step"]` as its own fp32 tensor on the
+    parameter's device, while megatron-core's distributed optimizer loads one shared CPU step tensor for all of
+    them. Returns how many param groups use the fused kernel (0 on CPU, or for non-AdamW optimizers)."""
+    switched = 0
+    for opt in _torch_optimizers(optimizer):
+        for g in opt.param_groups:
+            if "fused" not in g or not g["params"] or not all(p.is_cuda and p.dtype == torch.float32
+                                                             for p in g["params"]):
+                continue
+            g["fused"], g["foreach"] = True, False
+            switched += 1
+            for p in g["params"]:
+                st = opt.state.get(p)
+                if st and "step" in st:
+                    st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32, device=p.device)
+    return switched
+
+
+def _torch_optimizers(optimizer):
+    """The torch.optim optimizers inside megatron-core's wrappers (ChainedOptimizer -> MixedPrecision -> torch)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        yield optimizer
+    elif hasattr(optimizer, "chained_optimizers"):
+        for inner in optimizer.chained_optimizers:
+            yield from _torch_optimizers(inner)
+    elif getattr(optimizer, "optimizer", None) is not None:
+        yield from _torch_optimizers(optimizer.optimizer)
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for apex's `multi_tensor_l2norm` (megatron-core's fallback computes one norm per tensor and
+    synchronises with the host for each): torch._foreach_norm + one reduction, no host round trip."""
+    tensors = tensor_lists[0]
+    norms = torch._foreach_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return total.reshape(1), (torch.stack([n.float() for n in norms]) if per_tensor else None)
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for apex's `multi_tensor_scale` (dst = src * scale), in a few multi-tensor kernels instead of
+    one allocation and two kernels per tensor."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        if scale != 1.0:
+            torch._foreach_mul_(dst, scale)
+        return
+    torch._foreach_copy_(dst, src if scale == 1.0 else torch._foreach_mul(src, scale))
+
+
+def install_multi_tensor_ops() -> bool:
+    """Replace megatron-core's per-tensor Python fallbacks for apex's multi-tensor L2 norm and scale (used by
+    gradient clipping and fp16/bf16 parameter copies) with torch's foreach kernels. Does nothing when TE or apex
+    provide the real ones. Returns True if ours are installed."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mc_optimizer
+
+    installed = False
+    if clip_grads.l2_norm_impl in (utils.local_multi_tensor_l2_norm, _foreach_l2_norm):
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+        installed = True
+    for mod in (clip_grads, mc_optimizer):
+        if getattr(mod, "multi_tensor_scale_impl", None) in (utils.local_multi_tensor_scale, _foreach_scale):
+            mod.multi_tensor_scale_impl = _foreach_scale
+    return installed

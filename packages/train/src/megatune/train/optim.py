@@ -57,10 +57,16 @@ def optimizer_config(args: Any, *, cpu: bool, note: Callable[[str], None] = log.
 
 
 def build_optimizer(model_chunks: list, args: Any, *, cpu: bool, note: Callable[[str], None] = log.warning):
-    """megatron-core's optimizer over the DDP-wrapped model chunks."""
+    """megatron-core's optimizer over the DDP-wrapped model chunks, with torch's fast kernels where megatron-core
+    falls back to slow ones without TE/apex: foreach L2 norm / scale for clipping, fused AdamW on CUDA."""
     from megatron.core.optimizer import get_megatron_optimizer
+    from megatune.train import fused
 
-    return get_megatron_optimizer(optimizer_config(args, cpu=cpu, note=note), model_chunks)
+    fused.install_multi_tensor_ops()
+    optimizer = get_megatron_optimizer(optimizer_config(args, cpu=cpu, note=note), model_chunks)
+    if not cpu:
+        fused.use_fused_adamw(optimizer)
+    return optimizer
 
 
 def scheduler_steps(args: Any) -> dict[str, int]:

@@ -142,10 +142,17 @@ def batch_iterator(dataset, *, mbs: int, num_micro_batches: int, dist, seed: int
 
     # sequence parallelism splits the sequence over TP ranks: lengths must divide by tp
     multiple = 8 * dist.tp // math.gcd(8, dist.tp)
+    fixed = None
+    if cfg.packing and dist.device.type == "cuda":
+        # packed rows go through flex_attention, compiled for static shapes: one length for every batch (packed
+        # rows are nearly full anyway), a whole number of its 128-token blocks
+        block = 128 * dist.tp // math.gcd(128, dist.tp)
+        fixed = -(-cfg.max_length // block) * block
     try:
         return BatchIterator(dataset, micro_batch_size=mbs, num_micro_batches=num_micro_batches,
                              dp_rank=dist.dp_rank, dp_size=dist.dp, seed=seed, pad_to_multiple_of=multiple,
-                             packing=cfg.packing, max_length=cfg.max_length, pad_token_id=pad_id, epochs=epochs)
+                             fixed_length=fixed, packing=cfg.packing, max_length=cfg.max_length,
+                             pad_token_id=pad_id, epochs=epochs)
     except ValueError as e:
         raise TrainError(str(e)) from None
 
@@ -165,8 +172,14 @@ def pick_run_dir(sft, source: Source, dist) -> Path:
     return Path(answer[0])
 
 
-def wrap_model(chunks: list, margs, *, cpu: bool) -> list:
-    """megatron-core DDP over each chunk (Float16Module first for bf16/fp16, as Megatron-LM does)."""
+def wrap_model(chunks: list, margs, *, cpu: bool, overlap_grad_reduce: bool | None = None) -> list:
+    """megatron-core DDP over each chunk (Float16Module first for bf16/fp16, as Megatron-LM does).
+
+    With data parallelism on GPU the gradient reduce(-scatter) overlaps the backward pass by default (buckets are
+    reduced as soon as their gradients are complete; Megatron-LM's `--overlap-grad-reduce`, on in Megatron-Bridge's
+    recipes): `None` means on when DP > 1 and not in CPU mode. Micro-batches before the last skip the reduction
+    (`no_sync`), as Megatron-LM wires it."""
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
@@ -174,13 +187,22 @@ def wrap_model(chunks: list, margs, *, cpu: bool) -> list:
     # mean over the loss tokens of the whole global batch: see steps.py
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce is None:
+        overlap_grad_reduce = not cpu and ps.get_data_parallel_world_size() > 1
     if margs.bf16 or margs.fp16:
         chunks = [Float16Module(config, c) for c in chunks]
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, average_in_collective=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, average_in_collective=False,
         use_distributed_optimizer=bool(margs.use_distributed_optimizer) and not cpu)
-    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
-            for i, c in enumerate(chunks)]
+    model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+             for i, c in enumerate(chunks)]
+    config.no_sync_func = config.grad_sync_func = None
+    if overlap_grad_reduce:
+        one = len(model) == 1
+        config.no_sync_func = model[0].no_sync if one else [m.no_sync for m in model]
+        # pipeline stages start their reduce when their last backward is done, not at the end of the schedule
+        config.grad_sync_func = model[0].start_grad_sync if one else [m.start_grad_sync for m in model]
+    return model
 
 
 def forward_kwargs_for(packing: bool):
@@ -278,6 +300,10 @@ def build_run(sft, *, progress: bool = True):
         fresh_moments = _lacks_distributed_optimizer_state(optimizer, source.path, dist)
         state = checkpoint.load_checkpoint(source.path, ddp_chunks, None if fresh_moments else optimizer, scheduler)
         start = int(state["iteration"])
+        if not cpu:  # load_state_dict restores the saved param groups: re-select the fused AdamW kernel
+            from megatune.train.fused import use_fused_adamw
+
+            use_fused_adamw(optimizer)
         if fresh_moments:
             optimizer.reload_model_params()
             note(f"megatune sft: {source.path} holds no distributed-optimizer state (distrib_optim.pt); weights, "
