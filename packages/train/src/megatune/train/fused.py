@@ -118,18 +118,19 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     return _VocabParallelCE.apply(logits, target, group)
 
 
-def use_fused_adamw(optimizer) -> int:
+def use_fused_adamw(optimizer, devices: tuple[str, ...] = ("cuda",)) -> int:
     """Switch megatron-core's torch.optim.AdamW (its fallback without TE/apex: foreach kernels, several passes over
     every fp32 state) to torch's fused single-kernel AdamW. Same update rule; measured on an H200 (BENCHMARKS.md).
 
     Safe to call again after loading a checkpoint (it must be: torch's `load_state_dict` restores the saved groups'
     `fused` flags): the fused kernel needs each parameter's `state["step"]` as its own fp32 tensor on the
     parameter's device, while megatron-core's distributed optimizer loads one shared CPU step tensor for all of
-    them. Returns how many param groups use the fused kernel (0 on CPU, or for non-AdamW optimizers)."""
+    them. `devices`: where to switch (torch has a fused CPU kernel too; tests use it). Returns how many param groups
+    use the fused kernel (0 on CPU by default, or for non-AdamW optimizers)."""
     switched = 0
     for opt in _torch_optimizers(optimizer):
         for g in opt.param_groups:
-            if "fused" not in g or not g["params"] or not all(p.is_cuda and p.dtype == torch.float32
+            if "fused" not in g or not g["params"] or not all(p.device.type in devices and p.dtype == torch.float32
                                                              for p in g["params"]):
                 continue
             g["fused"], g["foreach"] = True, False
