@@ -15,6 +15,7 @@ back with `torch.load(weights_only=True)`; the allow-list is argparse.Namespace 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -201,6 +202,22 @@ def run_meta(meta: dict, model_chunks) -> dict:
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # Megatron-LM's name for the distributed optimizer's parameter state
 
 
+@contextlib.contextmanager
+def _adam_steps_hidden(optimizer):
+    """Hide torch AdamW's per-parameter `state["step"]` while megatron-core fills the distributed optimizer's state
+    from distrib_optim.pt. Its loader (0.16, without TE/apex) copies every key of the live state from the file,
+    which holds only param / exp_avg / exp_avg_sq (KeyError: 'step'); the step itself was already restored by
+    load_state_dict from the param groups."""
+    from megatune.train.fused import torch_optimizers
+
+    hidden = [(st, st.pop("step")) for opt in torch_optimizers(optimizer) for st in opt.state.values() if "step" in st]
+    try:
+        yield
+    finally:
+        for st, step in hidden:
+            st["step"] = step
+
+
 def is_distributed_optimizer(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -299,8 +316,9 @@ def load_checkpoint(ckpt_dir, model_chunks, optimizer=None, scheduler=None, *, i
         optimizer.load_state_dict(state["optimizer"])
         if is_distributed_optimizer(optimizer):
             # load_state_dict only allocated the sharded master weights / moments; fill them (collective over DP)
-            optimizer.load_parameter_state(
-                str(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp).parent / DISTRIB_OPTIM_FILE))
+            with _adam_steps_hidden(optimizer):
+                optimizer.load_parameter_state(
+                    str(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp).parent / DISTRIB_OPTIM_FILE))
     if load_optim and scheduler is not None and "opt_param_scheduler" in state:
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng and "rng_state" in state:

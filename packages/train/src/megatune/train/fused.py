@@ -128,7 +128,7 @@ def use_fused_adamw(optimizer, devices: tuple[str, ...] = ("cuda",)) -> int:
     them. `devices`: where to switch (torch has a fused CPU kernel too; tests use it). Returns how many param groups
     use the fused kernel (0 on CPU by default, or for non-AdamW optimizers)."""
     switched = 0
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         for g in opt.param_groups:
             if "fused" not in g or not g["params"] or not all(p.device.type in devices and p.dtype == torch.float32
                                                              for p in g["params"]):
@@ -142,15 +142,15 @@ def use_fused_adamw(optimizer, devices: tuple[str, ...] = ("cuda",)) -> int:
     return switched
 
 
-def _torch_optimizers(optimizer):
+def torch_optimizers(optimizer):
     """The torch.optim optimizers inside megatron-core's wrappers (ChainedOptimizer -> MixedPrecision -> torch)."""
     if isinstance(optimizer, torch.optim.Optimizer):
         yield optimizer
     elif hasattr(optimizer, "chained_optimizers"):
         for inner in optimizer.chained_optimizers:
-            yield from _torch_optimizers(inner)
+            yield from torch_optimizers(inner)
     elif getattr(optimizer, "optimizer", None) is not None:
-        yield from _torch_optimizers(optimizer.optimizer)
+        yield from torch_optimizers(optimizer.optimizer)
 
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -189,3 +189,38 @@ def install_multi_tensor_ops() -> bool:
         if getattr(mod, "multi_tensor_scale_impl", None) in (utils.local_multi_tensor_scale, _foreach_scale):
             mod.multi_tensor_scale_impl = _foreach_scale
     return installed
+
+
+def _wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """main_grad[out, in] += grad_output[t, out]^T @ total_input[t, in], accumulated and written in fp32 by the GEMM
+    itself (cuBLAS beta=1 with an fp32 C/D on bf16 inputs): no bf16 weight gradient is materialised, rounded and
+    then added by a separate kernel (megatron-core's path without apex)."""
+    if total_input.dtype == main_grad.dtype:
+        main_grad.addmm_(grad_output.t(), total_input)
+    else:
+        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
+
+
+def _wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """The same for bf16/fp16 main grads (grad_reduce_in_fp32=False)."""
+    main_grad.addmm_(grad_output.t(), total_input.to(main_grad.dtype))
+
+
+class _WgradAccumulation:
+    """Stands in for apex's `fused_weight_gradient_mlp_cuda` extension (the two functions megatron-core calls)."""
+
+    wgrad_gemm_accum_fp32 = staticmethod(_wgrad_gemm_accum_fp32)
+    wgrad_gemm_accum_fp16 = staticmethod(_wgrad_gemm_accum_fp16)
+
+
+def install_grad_accumulation_fusion() -> bool:
+    """Let megatron-core's `gradient_accumulation_fusion=True` run without apex: its linear layers then write weight
+    gradients straight into DDP's fp32 `main_grad` buffers (GEMM with beta=1) instead of computing a bf16 gradient
+    that a backward hook adds in a second pass. Needs the model wrapped in megatron-core DDP (which creates
+    `main_grad`). Returns True when the flag can be used (apex's extension or ours installed)."""
+    from megatron.core.tensor_parallel import layers
+
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = _WgradAccumulation
+        layers._grad_accum_fusion_available = True
+    return layers._grad_accum_fusion_available
