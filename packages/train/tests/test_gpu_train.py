@@ -71,7 +71,7 @@ def runs(tmp_path_factory):
 
 def test_resume_restores_distributed_optimizer_state(runs):
     first, resumed = runs["first"], runs["resumed"]
-    assert runs["start"] == 10 and len(resumed) == 10 and first[-1] < first[0] - 0.5, runs
+    assert runs["start"] == 10 and len(resumed) == 10 and first[-1] < first[0] - 0.2, runs
     diff = max(abs(a - b) for a, b in zip(resumed, first[10:]))
     assert diff <= TOL, f"DP{runs['dp']} resumed losses differ from the uninterrupted run by {diff:.2e}"
 

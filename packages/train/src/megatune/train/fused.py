@@ -190,37 +190,3 @@ def install_multi_tensor_ops() -> bool:
             mod.multi_tensor_scale_impl = _foreach_scale
     return installed
 
-
-def _wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """main_grad[out, in] += grad_output[t, out]^T @ total_input[t, in], accumulated and written in fp32 by the GEMM
-    itself (cuBLAS beta=1 with an fp32 C/D on bf16 inputs): no bf16 weight gradient is materialised, rounded and
-    then added by a separate kernel (megatron-core's path without apex)."""
-    if total_input.dtype == main_grad.dtype:
-        main_grad.addmm_(grad_output.t(), total_input)
-    else:
-        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
-
-
-def _wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """The same for bf16/fp16 main grads (grad_reduce_in_fp32=False)."""
-    main_grad.addmm_(grad_output.t(), total_input.to(main_grad.dtype))
-
-
-class _WgradAccumulation:
-    """Stands in for apex's `fused_weight_gradient_mlp_cuda` extension (the two functions megatron-core calls)."""
-
-    wgrad_gemm_accum_fp32 = staticmethod(_wgrad_gemm_accum_fp32)
-    wgrad_gemm_accum_fp16 = staticmethod(_wgrad_gemm_accum_fp16)
-
-
-def install_grad_accumulation_fusion() -> bool:
-    """Let megatron-core's `gradient_accumulation_fusion=True` run without apex: its linear layers then write weight
-    gradients straight into DDP's fp32 `main_grad` buffers (GEMM with beta=1) instead of computing a bf16 gradient
-    that a backward hook adds in a second pass. Needs the model wrapped in megatron-core DDP (which creates
-    `main_grad`). Returns True when the flag can be used (apex's extension or ours installed)."""
-    from megatron.core.tensor_parallel import layers
-
-    if not layers._grad_accum_fusion_available:
-        layers.fused_weight_gradient_mlp_cuda = _WgradAccumulation
-        layers._grad_accum_fusion_available = True
-    return layers._grad_accum_fusion_available

@@ -188,10 +188,8 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
         raise TrainError(f"spec={spec!r}: use 'auto', 'te' or 'native'")
     gpu = not cpu_mode.is_cpu_mode()
     if gpu and spec == "native":
-        # compiled SwiGLU (megatron-core's bias_swiglu_impl), our compiled RoPE in place of TE's, and weight
-        # gradients accumulated into DDP's fp32 main_grad by the GEMM itself (fused.py); training needs DDP then
-        fast = {"bias_activation_fusion": True, "apply_rope_fusion": fused.register_rope(),
-                "gradient_accumulation_fusion": fused.install_grad_accumulation_fusion()}
+        # compiled SwiGLU (megatron-core's bias_swiglu_impl) and our compiled RoPE in place of TE's (fused.py)
+        fast = {"bias_activation_fusion": True, "apply_rope_fusion": fused.register_rope()}
         config_overrides = {**fast, **config_overrides}
     config = transformer_config(hf_config, tp=tp, pp=pp, params_dtype=params_dtype,
                                 sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity,
