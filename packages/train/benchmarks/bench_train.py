@@ -4,12 +4,14 @@
     python packages/train/benchmarks/bench_train.py --cpu-smoke      # tiny fp32 run of the megatune side on CPU
 
 The megatune side is what `megatune sft` runs per iteration: build_model (bf16 params, native spec), runtime's
-wrap_model (Float16Module + megatron-core DDP) and optim.build_optimizer (fp32 main params, distributed optimizer),
-steps.make_forward_step + steps.train_step (forward_backward_func, per-token loss, clip, step, LR schedule). Every
-megatune measurement runs under torchrun in a subprocess (nproc 1, 2 or 4), so each gets a clean process group.
-`--multi dp4` adds data parallelism on 4 GPUs (scaling vs 4x the 1-GPU figure), both with runtime's DDP settings
-and with overlap_grad_reduce on; `tp2` the Qwen2-7B shape at TP2 + sequence parallelism on 2 GPUs. The 1-GPU
-megatune run also profiles 2 steps with torch.profiler and prints the top kernels by CUDA time.
+wrap_model (Float16Module + megatron-core DDP) and optim.build_optimizer (fp32 main params, distributed optimizer,
+fused AdamW, foreach clipping kernels), steps.make_forward_step + steps.train_step (forward_backward_func, per-token
+loss, clip, step, LR schedule). Every megatune measurement runs under torchrun in a subprocess (nproc 1, 2 or 4), so
+each gets a clean process group. `--multi dp4` adds data parallelism on 4 GPUs (scaling vs 4x the 1-GPU figure),
+with overlap_grad_reduce off and on (runtime's default with DP); `tp2` the Qwen2-7B shape at TP2 + sequence
+parallelism on 2 GPUs. `--ablate` adds megatron-core's stock optimizer fallbacks on 1 GPU (what fused AdamW and the
+foreach kernels buy) and TP2 with 4 micro-batches per step. The first variant of each launch is also profiled for
+2 steps with torch.profiler (top kernels by CUDA time).
 MFU = tokens/s x (6N + 12 L h S) / (GPUs x 989 TFLOP/s), megatune.train.metrics.flops_per_token (as logging.jsonl), for both sides.
 """
 
