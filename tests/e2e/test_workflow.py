@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import megatune
+from megatune.train.launch import free_port
 
 MODEL_TYPE = "qwen2-7b-instruct"  # the seed's model type; the weights are a tiny local qwen2
 NAME = ["小黄", "Xiao Huang"]
@@ -111,12 +111,6 @@ def test_eval_prints_table_and_writes_results(workflow):
     assert len(samples) >= 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_node_form_on_one_machine(tmp_path, sft_file):
     """Two launchers, NNODES=2 NODE_RANK=0/1 NPROC_PER_NODE=2, --sft_type full: one TP2 x DP2 job across 'nodes'."""
     from megatune.convert.testing import make_tiny_model
@@ -124,7 +118,7 @@ def test_two_node_form_on_one_machine(tmp_path, sft_file):
     hf = make_tiny_model("llama", tmp_path / "tiny-llama", num_hidden_layers=2)
     megatune("export", "--model_type", "llama3-8b-instruct", "--model_id_or_path", str(hf), "--to_megatron", "true",
              "--tp", "2", "--dtype", "fp32", cwd=tmp_path)
-    port = str(_free_port())
+    port = str(free_port())
     argv = [sys.executable, "-m", "megatune.cli.main", "sft", "--resume_from_checkpoint",
             str(tmp_path / "llama3-8b-instruct-tp2-pp1"), "--dataset", f"{sft_file}#16", "self-cognition#48",
             "--max_length", "512", "--learning_rate", "1e-3", "--max_steps", "4", "--batch_size", "1",

@@ -18,13 +18,13 @@ import datetime
 import os
 import pickle
 import random
-import socket
 import traceback
 
 import numpy as np
 import torch
 from megatune.train import cpu_mode
 from megatune.train.errors import TrainError
+from megatune.train.launch import free_port  # noqa: F401 - re-exported: tests and callers use distributed.free_port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +40,6 @@ class DistInfo:
     dp_rank: int
     device: torch.device
     backend: str
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(tp: int = 1, pp: int = 1, *, backend: str | None = None, seed: int = 42,

@@ -11,6 +11,8 @@ exit code, so bad input under torchrun still ends as the ranks' one `megatune sf
 from __future__ import annotations
 
 import os
+import random
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -55,13 +57,33 @@ def torchrun_command(argv: Sequence[str], env: Mapping[str, str] | None = None, 
     if not env.get("NNODES") or env.get("NNODES") == "1":
         # a single node needs no external rendezvous; --standalone would pick a random port and ignore MASTER_PORT
         if not env.get("MASTER_PORT"):
-            cmd += ["--master_port", str(_free_port())]
+            cmd += ["--master_port", str(free_port())]
     return [*cmd, "-m", module, *argv]
 
 
-def _free_port() -> int:
-    import socket
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
 
+
+def free_port() -> int:
+    """A TCP port free now, below the kernel's ephemeral range when it can be: a port the OS hands out for bind(0)
+    lies inside that range, where the many connections gloo opens between ranks take their source ports, and one of
+    them can grab it before the rendezvous listens on it (EADDRINUSE, seen in the CPU test suite)."""
+    try:
+        first_ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    rng = random.SystemRandom()
+    if first_ephemeral > 11000:
+        for _ in range(200):
+            port = rng.randrange(10000, first_ephemeral)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
