@@ -72,6 +72,8 @@ def stock_optimizer(optimizer) -> None:
     for g in optimizer.param_groups:
         if "fused" in g:
             g["fused"], g["foreach"] = False, True
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt.__dict__.pop("_copy_main_params_to_model_params", None)  # fused.use_foreach_param_copy's override
     clip_grads.l2_norm_impl = utils.local_multi_tensor_l2_norm
     clip_grads.multi_tensor_scale_impl = mc_optimizer.multi_tensor_scale_impl = utils.local_multi_tensor_scale
 
@@ -131,6 +133,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0, "losses": losses,
               "step_s": seconds / steps_n}
     if profile and gpu:
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
@@ -139,6 +142,12 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
                 step(warmup + steps_n + i)
             torch.cuda.synchronize()
         result["top_kernels"] = top_kernels(prof)
+        # GPU busy = kernel time / wall time of the profiled steps (1 GPU: one compute stream, little overlap)
+        try:
+            kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            result["gpu_busy"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / (2e3 * result["step_s"])
+        except Exception as e:  # noqa: BLE001 - a profiler API difference must not lose the measurement
+            print(f"[bench] GPU busy not computed: {type(e).__name__}: {e}", flush=True)
     live.clear()
     del model, optimizer, scheduler, chunks
     gc.collect()
@@ -239,7 +248,8 @@ def main() -> None:
                                                      indent=1))
     for r in rows:
         if r.get("top_kernels"):
-            print(f"\ntop CUDA kernels, {r['name']}, 2 profiled steps (ms total, calls; step {1e3 * r['step_s']:.0f} ms):")
+            print(f"\ntop CUDA kernels, {r['name']}, 2 profiled steps (ms total, calls; step {1e3 * r['step_s']:.0f} ms, "
+                  f"GPU busy {100 * r.get('gpu_busy', 0):.1f}%):")
             for name, ms, count in r["top_kernels"]:
                 print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
     print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")

@@ -190,3 +190,41 @@ def install_multi_tensor_ops() -> bool:
             mod.multi_tensor_scale_impl = _foreach_scale
     return installed
 
+
+
+def use_foreach_param_copy(optimizer) -> int:
+    """After each step megatron-core's distributed optimizer copies every updated fp32 master shard into the bf16
+    parameter buffer in a Python loop (range-map lookups, a view and one tiny copy kernel per parameter), right
+    after the grad-norm host sync, so the GPU idles while the loop runs. Replace it, per optimizer instance, with
+    one `torch._foreach_copy_` over (buffer view, master shard) pairs computed once (the buffers and master shards
+    are allocated once and only ever written in place). Skipped for FP8 params, Megatron-FSDP and the precision-aware
+    optimizer, whose copies work differently. Returns how many optimizers were switched."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    switched = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if (not isinstance(opt, DistributedOptimizer) or opt.is_stub_optimizer or opt.ddp_config.use_megatron_fsdp
+                or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8):
+            continue
+        dst, src = [], []
+        for shard_groups, model_groups in ((opt.shard_fp32_from_float16_groups, opt.model_float16_groups),
+                                           (opt.shard_fp32_groups, opt.model_fp32_groups)):
+            for shard_group, model_group in zip(shard_groups, model_groups):
+                for shard_main, model_param in zip(shard_group, model_group):
+                    if type(model_param) is not torch.nn.Parameter and type(model_param) is not torch.Tensor:
+                        dst = None  # FP8 or another tensor subclass: keep megatron-core's loop
+                        break
+                    world = opt._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+                    gbuf, _, bucket = opt.model_param_gbuf_map[model_param]
+                    dst.append(opt.buffers[gbuf].buckets[bucket].param_data.view(-1)[world.start:world.end])
+                    src.append(shard_main)
+                if dst is None:
+                    break
+            if dst is None:
+                break
+        if dst is None:
+            continue
+        if dst:
+            opt._copy_main_params_to_model_params = lambda d=dst, s=src: torch._foreach_copy_(d, s)
+        switched += 1
+    return switched
