@@ -72,8 +72,6 @@ def stock_optimizer(optimizer) -> None:
     for g in optimizer.param_groups:
         if "fused" in g:
             g["fused"], g["foreach"] = False, True
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        opt.__dict__.pop("_copy_main_params_to_model_params", None)  # fused.use_foreach_param_copy's override
     clip_grads.l2_norm_impl = utils.local_multi_tensor_l2_norm
     clip_grads.multi_tensor_scale_impl = mc_optimizer.multi_tensor_scale_impl = utils.local_multi_tensor_scale
 

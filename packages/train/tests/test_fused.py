@@ -3,7 +3,6 @@ reference arithmetic: cross entropy and its gradient, RoPE as megatron-core appl
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from megatune.train import fused
@@ -89,43 +88,3 @@ def test_foreach_multi_tensor_ops_match_megatron_fallbacks():
     torch.testing.assert_close(src, [t * 0.5 for t in ts])
 
 
-
-def _param_copy_worker(rank, world, model_dir):
-    import types
-
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatune.train import optim, runtime
-    from megatune.train.distributed import init_distributed
-    from megatune.train.model import build_model
-
-    init_distributed(1, 1)
-    margs = types.SimpleNamespace(bf16=True, fp16=False, use_distributed_optimizer=True, optimizer="adam", lr=1e-3)
-    model = runtime.wrap_model(build_model(model_dir, tp=1, pp=1, params_dtype=torch.bfloat16), margs, cpu=False)
-    optimizer = optim.build_optimizer(model, margs, cpu=False)
-    inner = optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") else optimizer
-    assert "_copy_main_params_to_model_params" in inner.__dict__, "use_foreach_param_copy did not switch"
-    g = torch.Generator(device="cuda").manual_seed(7)
-    for group in inner.shard_fp32_from_float16_groups:
-        for shard in group:
-            shard.copy_(torch.randn(shard.shape, generator=g, device="cuda"))
-    params = list(model[0].parameters())
-    results = []
-    for copy in (inner._copy_main_params_to_model_params, lambda: DistributedOptimizer._copy_main_params_to_model_params(inner)):
-        for p in params:
-            p.data.zero_()
-        copy()
-        results.append([p.detach().float().cpu().clone() for p in params])
-    return results
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_foreach_param_copy_equals_megatron_loop(tmp_path):
-    from megatune.convert.testing import make_tiny_model
-    from megatune.train.distributed import run_local
-
-    model_dir = make_tiny_model("qwen2", tmp_path / "qwen2", seed=0)
-    ours, ref = run_local(1, _param_copy_worker, str(model_dir), timeout=300)[0]
-    assert any(float(t.abs().sum()) > 0 for t in ref)
-    for a, b in zip(ours, ref):
-        assert torch.equal(a, b)

@@ -58,8 +58,7 @@ def optimizer_config(args: Any, *, cpu: bool, note: Callable[[str], None] = log.
 
 def build_optimizer(model_chunks: list, args: Any, *, cpu: bool, note: Callable[[str], None] = log.warning):
     """megatron-core's optimizer over the DDP-wrapped model chunks, with torch's fast kernels where megatron-core
-    falls back to slow ones without TE/apex: foreach L2 norm / scale for clipping, fused AdamW on CUDA, and one
-    foreach copy of the updated master shards into the bf16 parameters (fused.py)."""
+    falls back to slow ones without TE/apex: foreach L2 norm / scale for clipping, fused AdamW on CUDA."""
     from megatron.core.optimizer import get_megatron_optimizer
     from megatune.train import fused
 
@@ -67,7 +66,6 @@ def build_optimizer(model_chunks: list, args: Any, *, cpu: bool, note: Callable[
     optimizer = get_megatron_optimizer(optimizer_config(args, cpu=cpu, note=note), model_chunks)
     if not cpu:
         fused.use_fused_adamw(optimizer)
-        fused.use_foreach_param_copy(optimizer)
     return optimizer
 
 
