@@ -313,12 +313,17 @@ def load_checkpoint(ckpt_dir, model_chunks, optimizer=None, scheduler=None, *, i
         if "optimizer" not in state:
             raise TrainError(f"{ckpt_dir}: iteration {iteration} has no optimizer state (saved with save_optim=False "
                              f"or converted from HF); load with load_optim=False")
+        from megatune.train.fused import torch_optimizers, use_fused_adamw
+
+        fused_kernel = any(g.get("fused") for opt in torch_optimizers(optimizer) for g in opt.param_groups)
         optimizer.load_state_dict(state["optimizer"])
         if is_distributed_optimizer(optimizer):
             # load_state_dict only allocated the sharded master weights / moments; fill them (collective over DP)
             with _adam_steps_hidden(optimizer):
                 optimizer.load_parameter_state(
                     str(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp).parent / DISTRIB_OPTIM_FILE))
+        if fused_kernel:  # load_state_dict restored the saved groups' kernel flags: keep this optimizer's choice
+            use_fused_adamw(optimizer, devices=("cuda", "cpu"))
     if load_optim and scheduler is not None and "opt_param_scheduler" in state:
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng and "rng_state" in state:

@@ -122,8 +122,8 @@ def use_fused_adamw(optimizer, devices: tuple[str, ...] = ("cuda",)) -> int:
     """Switch megatron-core's torch.optim.AdamW (its fallback without TE/apex: foreach kernels, several passes over
     every fp32 state) to torch's fused single-kernel AdamW. Same update rule; measured on an H200 (BENCHMARKS.md).
 
-    Safe to call again after loading a checkpoint (it must be: torch's `load_state_dict` restores the saved groups'
-    `fused` flags): the fused kernel needs each parameter's `state["step"]` as its own fp32 tensor on the
+    Safe to call again after loading a checkpoint (checkpoint.load_checkpoint does: torch's `load_state_dict`
+    restores the saved groups' `fused` flags): the fused kernel needs each parameter's `state["step"]` as its own fp32 tensor on the
     parameter's device, while megatron-core's distributed optimizer loads one shared CPU step tensor for all of
     them. `devices`: where to switch (torch has a fused CPU kernel too; tests use it). Returns how many param groups
     use the fused kernel (0 on CPU by default, or for non-AdamW optimizers)."""
@@ -157,9 +157,8 @@ def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """Drop-in for apex's `multi_tensor_l2norm` (megatron-core's fallback computes one norm per tensor and
     synchronises with the host for each): torch._foreach_norm + one reduction, no host round trip."""
     tensors = tensor_lists[0]
-    norms = torch._foreach_norm(tensors)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-    return total.reshape(1), (torch.stack([n.float() for n in norms]) if per_tensor else None)
+    norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+    return torch.linalg.vector_norm(norms).reshape(1), (norms if per_tensor else None)
 
 
 def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
@@ -189,5 +188,3 @@ def install_multi_tensor_ops() -> bool:
         if getattr(mod, "multi_tensor_scale_impl", None) in (utils.local_multi_tensor_scale, _foreach_scale):
             mod.multi_tensor_scale_impl = _foreach_scale
     return installed
-
-

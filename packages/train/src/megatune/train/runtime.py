@@ -300,10 +300,6 @@ def build_run(sft, *, progress: bool = True):
         fresh_moments = _lacks_distributed_optimizer_state(optimizer, source.path, dist)
         state = checkpoint.load_checkpoint(source.path, ddp_chunks, None if fresh_moments else optimizer, scheduler)
         start = int(state["iteration"])
-        if not cpu:  # load_state_dict restores the saved param groups: re-select the fused AdamW kernel
-            from megatune.train.fused import use_fused_adamw
-
-            use_fused_adamw(optimizer)
         if fresh_moments:
             optimizer.reload_model_params()
             note(f"megatune sft: {source.path} holds no distributed-optimizer state (distrib_optim.pt); weights, "
