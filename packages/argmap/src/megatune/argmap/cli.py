@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -108,6 +109,8 @@ class FieldSpec:
                 if isinstance(value, bool):
                     raise ValueError(value)
                 out = float(value)
+                if not math.isfinite(out):  # inf/nan would train to NaN weights and still say "done"
+                    raise ArgumentError(where, f"expected a finite number, got {value!r}", "pass a finite number")
             else:
                 out = str(value)
         except ArgumentError:
@@ -119,6 +122,14 @@ class FieldSpec:
             listed = ", ".join(str(c) for c in self.choices)
             raise ArgumentError(where, f"{out!r} is not one of {listed}", "pick one of those")
         return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _article(tp: type) -> str:
@@ -229,6 +240,7 @@ class SwiftArgParser:
     def _build(self) -> argparse.ArgumentParser:
         parser = _RaisingParser(prog=self.prog, add_help=False, allow_abbrev=False)
         parser.add_argument("--config", dest="__config__", default=argparse.SUPPRESS)
+        self._value_flags: set[str] = set()  # flags that take exactly one value
         names: dict[str, list[str]] = {name: [name] for name in self.specs}
         for alias, target in self.aliases.items():
             names[target].append(alias)
@@ -242,8 +254,20 @@ class SwiftArgParser:
                 kwargs = {"nargs": "?", "const": "true"}
             else:
                 kwargs = {}
+                self._value_flags.update(flags)
             parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, **kwargs)
         return parser
+
+    def _attach_negative_values(self, argv: list[str]) -> list[str]:
+        """`--learning_rate -1e-3` -> `--learning_rate=-1e-3`: argparse reads a token such as `-1e-3` or `-inf`
+        as an unknown flag ("expected one argument"), so a number after a single-value flag is attached to it."""
+        out: list[str] = []
+        for token in argv:
+            if out and out[-1] in self._value_flags and token.startswith("-") and _is_number(token):
+                out[-1] = f"{out[-1]}={token}"
+            else:
+                out.append(token)
+        return out
 
     def parse_dict(self, argv: Sequence[str] | None = None) -> dict[str, Any]:
         """Only the values that were given (file, then argv on top), converted; defaults are left out."""
@@ -251,7 +275,7 @@ class SwiftArgParser:
         config = None
         if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
             config, argv = argv[0], argv[1:]
-        ns, extras = self._parser.parse_known_args(argv)
+        ns, extras = self._parser.parse_known_args(self._attach_negative_values(argv))
         for extra in extras:
             if extra.startswith("-"):
                 name = extra.lstrip("-").split("=", 1)[0].replace("-", "_")

@@ -15,8 +15,9 @@ lora -> full under the megatron backend); `train_backend` defaults to (and must 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from .cli import arg
@@ -169,10 +170,31 @@ class SftArguments:
             raise ArgumentError("--warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}", "e.g. 0.05")
         if not 0.0 <= self.dataset_test_ratio < 1.0:
             raise ArgumentError("--dataset_test_ratio", f"must be in [0, 1), got {self.dataset_test_ratio}", "e.g. 0.01")
+        self._check_floats()
         if self.learning_rate <= 0:
             raise ArgumentError("--learning_rate", f"must be > 0, got {self.learning_rate}", "e.g. 1e-5")
         if self.warmup_steps < 0 or self.dataloader_num_workers < 0:
             raise ArgumentError("--warmup_steps/--dataloader_num_workers", "must be >= 0", "pass 0 or more")
+
+
+    def _check_floats(self) -> None:
+        """Finite values in range: an inf/nan learning rate trains to NaN weights and still reports "done"."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ArgumentError(f"--{f.name}", f"must be a finite number, got {value}", "pass a finite number")
+        ranges = {"min_lr": (0.0, None, "e.g. 1e-6"), "weight_decay": (0.0, None, "e.g. 0.1"),
+                  "max_grad_norm": (0.0, None, "e.g. 1.0; 0 turns clipping off"), "adam_epsilon": (None, 0.0, "e.g. 1e-8")}
+        for name, (at_least, above, example) in ranges.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (at_least is not None and value < at_least) or (above is not None and value <= above):
+                bound = f">= {at_least}" if at_least is not None else f"> {above}"
+                raise ArgumentError(f"--{name}", f"must be {bound}, got {value}", example)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ArgumentError(f"--{name}", f"must be in [0, 1), got {getattr(self, name)}", "e.g. 0.9")
 
 
 def sft_parser():  # -> SwiftArgParser; imported lazily so `help_notes` can come from the mapping table
