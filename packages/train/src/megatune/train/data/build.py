@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from .config import DataConfig, DataError, parse_spec
 from .loading import load_spec
-from .tokenize import BAD, NO_LOSS, OK, TOKEN_FEATURES, TOO_LONG, ChatTokenizer
+from .tokenize import BAD, NO_LOSS, OK, TOKEN_FEATURES, TOO_LONG, ChatTokenizer, check_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def build_datasets(cfg: DataConfig, tokenizer):
     """(train, val, stats). train/val have `input_ids`, `labels` (unshifted, -100 = no loss) and `length`."""
     if not cfg.dataset:
         raise DataError("no dataset given: pass at least one --dataset spec (a file path or a dataset name)")
+    check_vocabulary(tokenizer)
     t0 = time.perf_counter()
     rows, bad_rows = _load_many(cfg.dataset, cfg)
     if cfg.val_dataset:

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .config import DataConfig, DataError, DatasetSpec
+from .files import TEXT_SUFFIXES, check_text_file, diagnose
 from .formats import MESSAGE_FEATURES, normalize_batch
 from .registry import load_hub
 
@@ -50,10 +51,24 @@ def load_raw(spec: DatasetSpec, cfg: DataConfig):
     if not path.is_file():
         raise DataError(f"dataset file {spec.name!r} does not exist (from spec {spec.raw!r})")
     builder = _BUILDERS[path.suffix.lower()]
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        check_text_file(path)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cfg.cache_dir)
-    except Exception as e:  # malformed JSON/CSV, mixed column types: say which file, keep the cause
-        raise DataError(f"dataset file {spec.name}: could not be read as {builder} ({e.__class__.__name__}: {e})") from e
+    except Exception as e:  # malformed JSON/CSV, mixed column types: say where, else which file and the cause
+        where = diagnose(path) if path.suffix.lower() in TEXT_SUFFIXES else None
+        if where:
+            raise DataError(where) from None
+        cause = _root_cause(e)
+        raise DataError(f"dataset file {spec.name}: could not be read as {builder} "
+                        f"({cause.__class__.__name__}: {' '.join(str(cause).split())})") from e
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """`datasets` wraps the reader's error in DatasetGenerationError("An error occurred ..."): the inner one says more."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _name_pair(value, what: str) -> tuple[str, str]:

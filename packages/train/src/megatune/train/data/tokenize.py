@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 from datasets import Features, List, Value
 
+from .config import DataError
 from .formats import add_system
 
 IGNORE = -100
@@ -36,13 +38,27 @@ TOKEN_FEATURES = Features(
 )
 
 
+# files that hold a vocabulary: from a directory with only tokenizer_config.json or a chat template, transformers
+# builds a tokenizer of one token, and every row then "has no assistant tokens"
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
+def check_vocabulary(tokenizer) -> None:
+    """DataError when the tokenizer was loaded from a local directory that holds no vocabulary file."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    where = Path(name)
+    if name and where.is_dir() and not any(next(where.glob(p), None) for p in VOCAB_FILES):
+        raise DataError(f"{where}: no tokenizer files ({', '.join(VOCAB_FILES)}); copy the tokenizer files of the "
+                        "original Hugging Face model into this directory")
+
+
 class ChatTokenizer:
     """`datasets.map(batched=True)` body turning `messages`/`tools` rows into input_ids/labels."""
 
     def __init__(self, tokenizer, *, max_length: int, truncation_strategy: str = "delete", system: str | None = None):
         template = tokenizer.chat_template
         if not template:
-            raise ValueError(
+            raise DataError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; SFT needs one to render "
                 "conversations (use an instruct/chat checkpoint or set tokenizer.chat_template)"
             )
