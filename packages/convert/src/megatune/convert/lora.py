@@ -225,7 +225,7 @@ def peft_state_dict(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], targ
     out = {}
     for name, (a, rows) in hf_deltas(adapters, targets, shape).items():
         stem = PEFT_PREFIX + name.removesuffix(".weight")
-        out[f"{stem}.lora_A.weight"] = a.contiguous()
+        out[f"{stem}.lora_A.weight"] = a.clone()  # q/k/v share A: one copy each (safetensors refuses aliases)
         out[f"{stem}.lora_B.weight"] = rows.contiguous()
     return out
 

@@ -201,7 +201,8 @@ def apply_lora(model_chunks: list, cfg: LoraConfig) -> int:
                         ) == (out_full, in_full), (m.name, tuple(linear.weight.shape), out_full, in_full)
                 linear.lora = LoraAdapter(m, a.to(linear.weight.device, linear.weight.dtype), out_part,
                                           scaling=cfg.scaling, dropout=cfg.dropout,
-                                          sequence_parallel=model.config.sequence_parallel, mask=mask)
+                                          sequence_parallel=model.config.sequence_parallel, mask=mask
+                                          ).train(linear.training)
                 linear.lora_hook = linear.register_forward_hook(_add_lora, with_kwargs=True)
                 count += linear.lora.A.numel() + linear.lora.B.numel()
         if model.pre_process:
