@@ -40,9 +40,11 @@ class DistInfo:
     dp_rank: int
     device: torch.device
     backend: str
+    ep: int = 1  # expert parallelism: carved out of dp (megatron-core); experts split over ep ranks
+    ep_rank: int = 0
 
 
-def init_distributed(tp: int = 1, pp: int = 1, *, backend: str | None = None, seed: int = 42,
+def init_distributed(tp: int = 1, pp: int = 1, *, ep: int = 1, backend: str | None = None, seed: int = 42,
                      timeout_minutes: int = 30) -> DistInfo:
     """Initialise torch.distributed + megatron-core model parallel state for this process; returns its coordinates."""
     from megatron.core import parallel_state, tensor_parallel
@@ -52,9 +54,9 @@ def init_distributed(tp: int = 1, pp: int = 1, *, backend: str | None = None, se
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size % (tp * pp) != 0:
-        raise TrainError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}; "
-                         f"launch a multiple of {tp * pp} processes or change --tp/--pp")
+    if world_size % (tp * pp * ep) != 0:
+        raise TrainError(f"world size {world_size} is not divisible by tp*pp*ep = {tp}*{pp}*{ep}; "
+                         f"launch a multiple of {tp * pp * ep} processes or change --tp/--pp/--ep")
     if not cpu:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
@@ -66,7 +68,7 @@ def init_distributed(tp: int = 1, pp: int = 1, *, backend: str | None = None, se
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         distributed_timeout_minutes=timeout_minutes)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     stage_seed = seed + 100 * pp_rank  # as Megatron-LM: different init/dropout per pipeline stage
@@ -77,7 +79,8 @@ def init_distributed(tp: int = 1, pp: int = 1, *, backend: str | None = None, se
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, tp=tp, pp=pp, dp=world_size // (tp * pp),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(), pp_rank=pp_rank,
-        dp_rank=parallel_state.get_data_parallel_rank(), device=cpu_mode.device(), backend=backend)
+        dp_rank=parallel_state.get_data_parallel_rank(), device=cpu_mode.device(), backend=backend, ep=ep,
+        ep_rank=parallel_state.get_expert_model_parallel_rank())
 
 
 def destroy() -> None:

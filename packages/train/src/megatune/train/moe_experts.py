@@ -1,0 +1,131 @@
+"""Expert MLPs as two grouped GEMMs without Transformer Engine, with megatron-core's sequential-expert names.
+
+`GroupedExperts` replaces megatron-core's SequentialMLP (one MLP module and two GEMM launches per local expert) in
+the MoELayer. The local experts' weights are two 3-D parameters,
+
+    weight1 [experts, 2 * ffn/tp, hidden]   (gate rows, then up rows: megatron-core's gated linear_fc1 layout)
+    weight2 [experts, hidden, ffn/tp]
+
+and the tokens (already sorted by expert by the token dispatcher) go through
+`grouped_mm(x, weight1^T) -> silu(gate) * up * prob -> grouped_mm(., weight2^T)`. On CUDA with bf16 that is
+`torch.nn.functional.grouped_mm` (or `torch._grouped_mm` on older torch): one kernel per projection for all experts;
+elsewhere (CPU, fp32) the same arithmetic runs as a loop of per-expert matmuls, which is what the CPU tests check.
+The routing probability scales the activation before linear_fc2, as megatron-core's experts do.
+
+Names: `state_dict()` yields `local_experts.{j}.linear_fc1.weight` / `local_experts.{j}.linear_fc2.weight` (views of
+the 3-D parameters) and `load_state_dict` accepts them, so checkpoints and the converter see exactly what
+SequentialMLP would produce, and either module loads the other's checkpoints. Each weight is tagged like
+megatron-core's expert linears (`allreduce=False` under expert parallelism, so DDP reduces it over the
+expert-data-parallel group; tensor-parallel partition attributes for the gradient norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+from megatron.core.transformer.module import MegatronModule
+from megatune.train import fused
+
+_NAMES = ("linear_fc1", "linear_fc2")
+
+
+def _swiglu_scaled(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up * prob, computed in fp32, result in h's dtype; h [n, 2f] = [gate | up], probs [n]."""
+    gate, up = h.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up * probs.float()[:, None]).to(h.dtype)
+
+
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """One grouped GEMM kernel is available for x: CUDA, bf16, Hopper (sm90) or newer, a grouped_mm in torch."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """y[rows of expert j] = x[rows of expert j] @ weight[j]^T; x [n, in] sorted by expert, weight [E, out, in]."""
+    if offsets is not None:
+        return _grouped_mm_fn()(x, weight.transpose(1, 2), offs=offsets)
+    parts, start = [], 0
+    for j, n in enumerate(counts):
+        parts.append(x[start:start + n] @ weight[j].t())
+        start += n
+    return torch.cat(parts) if parts else x.new_empty(0, weight.shape[1])
+
+
+class GroupedExperts(MegatronModule):
+    """Drop-in for megatron-core's SequentialMLP in MoELayer (same constructor, forward and state-dict names)."""
+
+    def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None):
+        super().__init__(config=config)
+        tp = pg_collection.expt_tp.size() if pg_collection is not None else 1
+        if config.moe_ffn_hidden_size % tp:
+            raise ValueError(f"expert ffn size {config.moe_ffn_hidden_size} is not divisible by the expert tensor "
+                             f"parallel size {tp}; choose a tp dividing moe_intermediate_size")
+        if config.add_bias_linear:
+            raise ValueError("GroupedExperts has no expert biases (no supported MoE family uses them); "
+                             "set add_bias_linear=False")
+        self.num_local_experts = num_local_experts
+        ffn, hidden = config.moe_ffn_hidden_size // tp, config.hidden_size
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight1 = torch.nn.Parameter(torch.empty(num_local_experts, 2 * ffn, hidden, dtype=config.params_dtype,
+                                                      device=device))
+        self.weight2 = torch.nn.Parameter(torch.empty(num_local_experts, hidden, ffn, dtype=config.params_dtype,
+                                                      device=device))
+        if config.perform_initialization:
+            with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
+                for j in range(num_local_experts):
+                    config.init_method(self.weight1.data[j])
+                    config.output_layer_init_method(self.weight2.data[j])
+        expert_parallel = config.expert_model_parallel_size > 1
+        for weight, dim in ((self.weight1, 1), (self.weight2, 2)):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+            weight.allreduce = not expert_parallel
+
+    def forward(self, hidden: torch.Tensor, tokens_per_expert, probs: torch.Tensor):
+        """hidden [n, h] sorted by local expert, tokens_per_expert [E_local] (CPU), probs [n] -> ([n, h], None)."""
+        counts = [int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
+                                   else tokens_per_expert)]
+        offsets = None
+        if use_grouped_mm(hidden):
+            offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(hidden.device,
+                                                                                             non_blocking=True)
+        h = grouped_linear(hidden, self.weight1, counts, offsets)  # [n, 2f]
+        act = fused._fast(_swiglu_scaled, h)(h, probs)  # [n, f]
+        return grouped_linear(act, self.weight2, counts, offsets), None  # [n, h]
+
+    def backward_dw(self):  # MoELayer's delayed-wgrad hook: our weight gradients are never delayed
+        pass
+
+    # ----------------------------------------------------------------------- SequentialMLP's state-dict names
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for j in range(self.num_local_experts):
+            for name, weight in zip(_NAMES, (self.weight1, self.weight2)):
+                w = weight[j]
+                destination[f"{prefix}local_experts.{j}.{name}.weight"] = w if keep_vars else w.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for j in range(self.num_local_experts):
+            for name, weight in zip(_NAMES, (self.weight1, self.weight2)):
+                key = f"{prefix}local_experts.{j}.{name}.weight"
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                value = state_dict[key]
+                if tuple(value.shape) != tuple(weight.shape[1:]):
+                    error_msgs.append(f"{key}: shape {tuple(value.shape)} in the checkpoint, "
+                                      f"{tuple(weight.shape[1:])} in the model")
+                    continue
+                with torch.no_grad():
+                    weight[j].copy_(value)
+        known = {f"{prefix}local_experts.{j}.{n}.weight" for j in range(self.num_local_experts) for n in _NAMES}
+        for key in state_dict:
+            if key.startswith(prefix) and key not in known and not key.endswith("_extra_state"):
+                unexpected_keys.append(key)
