@@ -33,6 +33,8 @@ EXPECTED = dict(
     load="ckpt/qwen-tp2-pp2", save="out", tensorboard_dir="tb", log_interval=3, eval_interval=11, save_interval=13,
     micro_batch_size=2, global_batch_size=32, num_workers=6, seq_length=512, train_iters=94, lr_decay_iters=94,
     eval_iters=3, lr_warmup_iters=10, no_save_optim=True, no_save_rng=True, world_size=16, data_parallel_size=4,
+    transformer_impl="local", lr_warmup_init=0.0, lr_wsd_decay_iters=None, lr_wsd_decay_style="cosine",
+    loss_scale=None, initial_loss_scale=2.0**16,
 )
 
 
@@ -171,7 +173,8 @@ def test_empty_training_set_without_max_steps() -> None:
     ({"lr_scheduler_type": "cosine_with_restarts"}, "--lr_scheduler_type", "no lr decay style"),
     ({"optim": "adafactor"}, "--optim", "no optimizer"),
     ({"optim": "adamw_bnb_8bit"}, "--optim", "no optimizer"),
-    ({"sft_type": "lora"}, "--sft_type", "not supported by the megatron backend"),
+    ({"sft_type": "qlora"}, "--sft_type", "not supported by the megatron backend"),
+    ({"sft_type": "lora", "lora_rank": 0}, "--lora_rank/--lora_alpha/--lora_dropout", "rank >= 1"),
     ({"sft_type": "banana"}, "--sft_type", "unknown sft_type"),
     ({"train_backend": "transformers"}, "--train_backend", "only has the megatron backend"),
     ({"model_name": ["a", "b", "c"]}, "--model_name", "at most 2"),

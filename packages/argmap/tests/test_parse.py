@@ -108,7 +108,8 @@ def test_config_file_errors(tmp_path) -> None:
 
 def test_help_lists_megatron_counterparts(capsys) -> None:
     text = build_help()
-    assert "--learning_rate float  (default: 1e-05)" in text and "Megatron: lr" in text
+    assert "--learning_rate float  (default: None)" in text and "Megatron: lr" in text  # None: 1e-5 full, 1e-4 lora
+    assert "--lora_rank int  (default: 8)" in text and "--lora_target_modules" in text
     assert "Megatron: micro_batch_size, global_batch_size" in text
     with pytest.raises(SystemExit) as info:
         parse_sft_args(["--help"])

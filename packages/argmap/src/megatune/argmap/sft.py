@@ -8,8 +8,9 @@ Sources for the defaults (cited per field as `[src]`):
               min_lr None -> learning_rate x 0.1, resume_from_checkpoint None -> '{model_type}-tp{tp}-pp{pp}');
 - [swift-meg] ms-swift `swift/llm/megatron/argument.py` (`MegatronMixin`) for megatron-only knobs;
 - [megatune]  ours, no swift counterpart.
-Deliberate differences from swift: `sft_type` defaults to 'full' and 'lora' is an error (swift silently switched
-lora -> full under the megatron backend); `train_backend` defaults to (and must be) 'megatron';
+Deliberate differences from swift: `sft_type` defaults to 'full'; 'lora' trains tensor-parallel LoRA adapters (swift
+2.5 silently switched lora -> full under the megatron backend), other tuners are errors; `train_backend` defaults to
+(and must be) 'megatron';
 `truncation_strategy` adds 'right' ('truncation_left' is read as 'left').
 """
 
@@ -25,13 +26,14 @@ from .errors import ArgumentError
 from .megatron import megatron_lr_decay_style, megatron_optimizer
 
 # swift's adapter tuners: none of them exists in the Megatron backend
-ADAPTER_SFT_TYPES = frozenset({"lora", "qlora", "longlora", "adalora", "ia3", "llamapro", "adapter", "vera", "boft",
+ADAPTER_SFT_TYPES = frozenset({"qlora", "longlora", "adalora", "ia3", "llamapro", "adapter", "vera", "boft",
                                "fourierft", "reft"})
 TRUNCATION_ALIASES = {"truncation_left": "left", "ignore": "delete"}
 # older / HF spellings accepted as flags (swift 2.x did the same in handle_compatibility)
 SFT_ALIASES = {
     "per_device_train_batch_size": "batch_size", "train_type": "sft_type", "preprocess_num_proc": "dataset_num_proc",
     "only_save_model": "save_only_model", "model": "model_id_or_path",
+    "lora_dropout_p": "lora_dropout", "target_modules": "lora_target_modules",
 }
 
 
@@ -47,8 +49,15 @@ class SftArguments:
     model_id_or_path: str | None = _f(None, "HF model id or local HF directory [swift2.5]")
     resume_from_checkpoint: str | None = _f(
         None, "Megatron checkpoint to start from; default '{model_type}-tp{tp}-pp{pp}' [swift2.5*]")
-    sft_type: str = _f("full", "only 'full' with the Megatron backend [megatune; swift2.5 default 'lora']")
+    sft_type: str = _f("full", "'full' or 'lora' with the Megatron backend [megatune; swift2.5 default 'lora']")
     train_backend: str = _f("megatron", "only 'megatron' [megatune; swift2.5 default 'transformers']")
+    # LoRA (--sft_type lora): adapters on the tensor-parallel linears, see megatune.train.lora
+    lora_target_modules: list[str] = _f(["DEFAULT"], "DEFAULT (q/k/v), ALL (every linear), or names: q_proj ... "
+                                        "down_proj / linear_qkv ... linear_fc2 [swift2.5]")
+    lora_rank: int = _f(8, "[swift2.5]")
+    lora_alpha: float = _f(32.0, "scaling = lora_alpha / lora_rank [swift2.5]")
+    lora_dropout: float = _f(0.05, "dropout on the adapter input [swift2.5]")
+    use_rslora: bool = _f(False, "rank-stabilised LoRA: scaling = lora_alpha / sqrt(lora_rank) [swift2.5]")
     # data
     dataset: list[str] = _f([], "training datasets: [hub::]name[:subset][#N] or a local file [swift2.5]")
     val_dataset: list[str] = _f([], "validation datasets; when given, dataset_test_ratio is 0 [swift2.5]")
@@ -67,7 +76,7 @@ class SftArguments:
     fp16: bool | None = _f(None, "fp16 mixed precision (resolved from dtype when unset) [swift2.5*]")
     bf16: bool | None = _f(None, "bf16 mixed precision (resolved from dtype when unset) [swift2.5*]")
     # optimizer and schedule
-    learning_rate: float = _f(1e-5, "peak learning rate (full sft) [swift2.5*]")
+    learning_rate: float | None = _f(None, "peak learning rate; default 1e-5 full, 1e-4 lora [swift2.5*]")
     min_lr: float | None = _f(None, "final learning rate; default learning_rate x 0.1 [swift2.5*]")
     optim: str = _f("adamw_torch", "optimizer: adamw_torch/adamw/adam -> adam, sgd [swift2.5]")
     lr_scheduler_type: str = _f("cosine", "cosine | linear | constant | constant_with_warmup | ... [swift2.5]")
@@ -109,6 +118,8 @@ class SftArguments:
 
     def __post_init__(self) -> None:
         self._check_backend()
+        if self.learning_rate is None:
+            self.learning_rate = 1e-4 if self.sft_type == "lora" else 1e-5
         self._resolve_precision()
         self._check_values()
         if self.min_lr is None:
@@ -132,8 +143,8 @@ class SftArguments:
             raise ArgumentError("--sft_type", f"{self.sft_type!r} is not supported by the megatron backend "
                                 "(full-parameter training only)",
                                 "pass --sft_type full, or use ms-swift's transformers backend for adapters")
-        if self.sft_type != "full":
-            raise ArgumentError("--sft_type", f"unknown sft_type {self.sft_type!r}", "pass --sft_type full")
+        if self.sft_type not in ("full", "lora"):
+            raise ArgumentError("--sft_type", f"unknown sft_type {self.sft_type!r}", "pass --sft_type full or lora")
 
     def _resolve_precision(self) -> None:
         if self.fp16 and self.bf16:
@@ -173,6 +184,9 @@ class SftArguments:
         self._check_floats()
         if self.learning_rate <= 0:
             raise ArgumentError("--learning_rate", f"must be > 0, got {self.learning_rate}", "e.g. 1e-5")
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ArgumentError("--lora_rank/--lora_alpha/--lora_dropout", f"need rank >= 1, alpha > 0, dropout in "
+                                f"[0, 1); got {self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}", "e.g. 8, 32, 0.05")
         if self.warmup_steps < 0 or self.dataloader_num_workers < 0:
             raise ArgumentError("--warmup_steps/--dataloader_num_workers", "must be >= 0", "pass 0 or more")
 
