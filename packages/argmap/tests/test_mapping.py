@@ -33,6 +33,8 @@ EXPECTED = dict(
     load="ckpt/qwen-tp2-pp2", save="out", tensorboard_dir="tb", log_interval=3, eval_interval=11, save_interval=13,
     micro_batch_size=2, global_batch_size=32, num_workers=6, seq_length=512, train_iters=94, lr_decay_iters=94,
     eval_iters=3, lr_warmup_iters=10, no_save_optim=True, no_save_rng=True, world_size=16, data_parallel_size=4,
+    transformer_impl="local", lr_warmup_init=0.0, lr_wsd_decay_iters=None, lr_wsd_decay_style="cosine",
+    loss_scale=None, initial_loss_scale=2.0**16,
 )
 
 

@@ -20,7 +20,8 @@ from .mapping import (
     with_parallel_defaults,
 )
 from .megatron import MegatronArguments
-from .sft import SftArguments, build_help, parse_sft_args, sft_parser
+from .parse import build_help, parse_sft_args, sft_parser
+from .sft import SftArguments
 
 __version__ = "0.1.0"
 

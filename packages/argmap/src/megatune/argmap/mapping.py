@@ -36,10 +36,25 @@ from .megatron import (
 from .sft import SftArguments
 
 DEFAULT_GLOBAL_BATCH = 16  # swift: gradient_accumulation_steps = ceil(16 / batch_size / world_size)
+# warmup_stable_decay: HF needs num_decay_steps (no swift flag for it); the last 10% of training decays (cosine, HF's
+# default decay_type). Megatron asserts a WSD decay length is given.
+WSD_DECAY_FRACTION = 0.1
+INITIAL_LOSS_SCALE = 2.0**16  # fp16 dynamic scaling starts where HF's GradScaler does (Megatron-LM: 2**32)
+TRANSFORMER_IMPLS = {"native": "local", "te": "transformer_engine"}  # ours -> Megatron-LM's (and its state-dict names)
+
+
+class BatchSizes(NamedTuple):
+    """The batch arithmetic that depends on the cluster but not on the data."""
+
+    world_size: int
+    data_parallel_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int
 
 
 class Derived(NamedTuple):
-    """The counts that depend on the cluster and the data, not only on the arguments."""
+    """The counts that depend on the cluster and the data, not only on the arguments; `load`/`save`: the checkpoint
+    paths a launcher resolved (the source actually found, the run directory), None: the arguments' own."""
 
     world_size: int
     data_parallel_size: int
@@ -48,6 +63,8 @@ class Derived(NamedTuple):
     train_iters: int
     eval_iters: int
     lr_warmup_iters: int
+    load: str | None = None
+    save: str | None = None
 
 
 def with_parallel_defaults(sft: SftArguments, tp: int | None = None, pp: int | None = None) -> SftArguments:
@@ -57,16 +74,21 @@ def with_parallel_defaults(sft: SftArguments, tp: int | None = None, pp: int | N
     return dataclasses.replace(sft, tp=sft.tp or tp or 1, pp=sft.pp or pp or 1)
 
 
-def derive(sft: SftArguments, *, world_size: int, train_len: int, val_len: int) -> Derived:
-    """Batch sizes and iteration counts for `sft` on `world_size` processes with the given dataset sizes."""
+def default_checkpoint(sft: SftArguments) -> str | None:
+    """swift's default `--resume_from_checkpoint`: '{model_type}-tp{tp}-pp{pp}' (None without --model_type)."""
+    if not sft.model_type:
+        return None
+    return f"{sft.model_type}-tp{sft.tp or 1}-pp{sft.pp or 1}"
+
+
+def batch_sizes(sft: SftArguments, *, world_size: int) -> BatchSizes:
+    """Data-parallel size, gradient accumulation and global batch for `sft` on `world_size` processes."""
     sft = with_parallel_defaults(sft)
     if world_size < 1:
         raise ArgumentError("world size", f"must be >= 1, got {world_size}", "check NPROC_PER_NODE x NNODES")
     if world_size % (sft.tp * sft.pp):
         raise ArgumentError("--tp/--pp", f"tp x pp = {sft.tp} x {sft.pp} = {sft.tp * sft.pp} does not divide the "
                             f"world size {world_size}", "choose tp and pp whose product divides NPROC_PER_NODE x NNODES")
-    if train_len < 0 or val_len < 0:
-        raise ArgumentError("dataset", f"negative length (train {train_len}, val {val_len})", "report this as a bug")
     dp = world_size // (sft.tp * sft.pp)
     per_step = sft.batch_size * dp
     if sft.global_batch_size is not None:
@@ -83,7 +105,16 @@ def derive(sft: SftArguments, *, world_size: int, train_len: int, val_len: int) 
         gas = sft.gradient_accumulation_steps
     else:
         gas = math.ceil(DEFAULT_GLOBAL_BATCH / per_step)
-    gbs = per_step * gas
+    return BatchSizes(world_size, dp, gas, per_step * gas)
+
+
+def derive(sft: SftArguments, *, world_size: int, train_len: int, val_len: int) -> Derived:
+    """Batch sizes and iteration counts for `sft` on `world_size` processes with the given dataset sizes
+    (`train_len`: rows, or packed rows with --packing)."""
+    if train_len < 0 or val_len < 0:
+        raise ArgumentError("dataset", f"negative length (train {train_len}, val {val_len})", "report this as a bug")
+    sizes = batch_sizes(sft, world_size=world_size)
+    gbs = sizes.global_batch_size
     if sft.max_steps > 0:
         train_iters = sft.max_steps
     elif train_len == 0:
@@ -98,7 +129,7 @@ def derive(sft: SftArguments, *, world_size: int, train_len: int, val_len: int) 
     else:
         warmup = math.ceil(train_iters * sft.warmup_ratio)
     warmup = max(0, min(warmup, train_iters - 1))
-    return Derived(world_size, dp, gas, gbs, train_iters, eval_iters, warmup)
+    return Derived(*sizes, train_iters, eval_iters, warmup)
 
 
 @dataclass(frozen=True)
@@ -128,6 +159,12 @@ def _gas_back(m: Mapping[str, Any]) -> dict[str, Any]:
     dp = m.get("data_parallel_size") or m["world_size"] // (
         m["tensor_model_parallel_size"] * m["pipeline_model_parallel_size"])
     return {"gradient_accumulation_steps": m["global_batch_size"] // (m["micro_batch_size"] * dp)}
+
+
+def _wsd_decay_iters(s: SftArguments, d: Derived) -> int | None:
+    if megatron_lr_decay_style(s.lr_scheduler_type) != "WSD":
+        return None
+    return max(1, math.ceil(d.train_iters * WSD_DECAY_FRACTION))
 
 
 def _scheduler_back(m: Mapping[str, Any]) -> dict[str, Any]:
@@ -160,11 +197,19 @@ TABLE: tuple[Rule, ...] = (
          lambda s, d: None if s.recompute_granularity == "none" else s.recompute_granularity,
          lambda m: {"recompute_granularity": m["recompute_granularity"] or "none"}, "'none' -> None"),
     same("use_flash_attn"),
+    Rule(("transformer_impl",), "transformer_impl", lambda s, d: TRANSFORMER_IMPLS[s.transformer_impl],
+         lambda m: {"transformer_impl": {v: k for k, v in TRANSFORMER_IMPLS.items()}[m["transformer_impl"]]},
+         "native -> local (megatron-core's local names), te -> transformer_engine"),
     same("seed"),
-    renamed("resume_from_checkpoint", "load"),
-    renamed("output_dir", "save"),
-    Rule(("logging_dir", "output_dir"), "tensorboard_dir", lambda s, d: s.logging_dir or f"{s.output_dir}/runs",
-         lambda m: {"logging_dir": m["tensorboard_dir"]}, "logging_dir, default {output_dir}/runs"),
+    Rule(("resume_from_checkpoint", "model_type"), "load",
+         lambda s, d: d.load or s.resume_from_checkpoint or default_checkpoint(s),
+         lambda m: {"resume_from_checkpoint": m["load"]},
+         "the checkpoint found; unset: '{model_type}-tp{tp}-pp{pp}'"),
+    Rule(("output_dir",), "save", lambda s, d: d.save or s.output_dir, lambda m: {"output_dir": m["save"]},
+         "the run dir {output_dir}/{source name}/v{N}-{time} (`megatune sft`)"),
+    Rule(("logging_dir", "output_dir"), "tensorboard_dir",
+         lambda s, d: s.logging_dir or f"{d.save or s.output_dir}/runs",
+         lambda m: {"logging_dir": m["tensorboard_dir"]}, "logging_dir, default {save}/runs"),
     renamed("logging_steps", "log_interval"),
     renamed("eval_steps", "eval_interval"),
     renamed("save_steps", "save_interval"),
@@ -182,6 +227,14 @@ TABLE: tuple[Rule, ...] = (
          "= train_iters (decay ends with training, as in HF)"),
     Rule(("val_dataset", "dataset_test_ratio"), "eval_iters", _from_derived("eval_iters"), None,
          "ceil(len(val) / global_batch_size)"),
+    Rule(("warmup_steps", "warmup_ratio"), "lr_warmup_init", lambda s, d: 0.0, None,
+         "0: warmup starts from lr 0, as in HF"),
+    Rule(("lr_scheduler_type",), "lr_wsd_decay_iters", _wsd_decay_iters, None,
+         f"warmup_stable_decay: the last {WSD_DECAY_FRACTION:.0%} of train_iters, else None"),
+    Rule(("lr_scheduler_type",), "lr_wsd_decay_style", lambda s, d: "cosine", None, "cosine (HF's WSD decay)"),
+    Rule(("fp16",), "loss_scale", lambda s, d: None, None, "None: dynamic loss scaling (matters with fp16 only)"),
+    Rule(("fp16",), "initial_loss_scale", lambda s, d: INITIAL_LOSS_SCALE, None,
+         "2**16, HF GradScaler's start (Megatron-LM's default: 2**32)"),
     Rule(("warmup_steps", "warmup_ratio"), "lr_warmup_iters", _from_derived("lr_warmup_iters"),
          lambda m: {"warmup_steps": m["lr_warmup_iters"], "warmup_ratio": 0.0},
          "warmup_steps if > 0 else ceil(train_iters x warmup_ratio); < train_iters"),
@@ -193,14 +246,16 @@ TABLE: tuple[Rule, ...] = (
 )
 
 
-def to_megatron(sft: SftArguments, *, world_size: int, train_len: int, val_len: int) -> MegatronArguments:
-    """Megatron arguments for `sft` on `world_size` processes, `train_len`/`val_len` samples (after packing).
+def to_megatron(sft: SftArguments, *, world_size: int, train_len: int, val_len: int, load: str | None = None,
+                save: str | None = None) -> MegatronArguments:
+    """Megatron arguments for `sft` on `world_size` processes, `train_len`/`val_len` samples (after packing);
+    `load`/`save`: the checkpoint and run directory a launcher resolved (see Derived).
 
     Raises ArgumentError when tp x pp does not divide world_size, a batch size does not divide, or there is no
     training data and no --max_steps.
     """
     sft = with_parallel_defaults(sft)
-    derived = derive(sft, world_size=world_size, train_len=train_len, val_len=val_len)
+    derived = derive(sft, world_size=world_size, train_len=train_len, val_len=val_len)._replace(load=load, save=save)
     return MegatronArguments(**{rule.megatron: rule.forward(sft, derived) for rule in TABLE})
 
 

@@ -79,6 +79,11 @@ class MegatronArguments:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    lr_warmup_init: float = 0.0
+    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_style: str = "exponential"
+    loss_scale: float | None = None  # None: dynamic (fp16)
+    initial_loss_scale: float = 4294967296.0
     # batches and iterations
     micro_batch_size: int | None = None
     global_batch_size: int | None = None
@@ -92,6 +97,7 @@ class MegatronArguments:
     seed: int = 1234
     # model execution
     use_flash_attn: bool | None = False  # None: let megatune's layer spec decide (swift's "auto")
+    transformer_impl: str = "transformer_engine"  # or "local"
     recompute_granularity: str | None = None
     # checkpoints and logs
     load: str | None = None

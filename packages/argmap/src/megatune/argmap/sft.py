@@ -5,7 +5,8 @@ Sources for the defaults (cited per field as `[src]`):
               `--train_backend megatron`, `--tp/--pp/--min_lr/--sequence_parallel`);
 - [swift2.5*] the value its `__post_init__` resolves for `sft_type=full` / `train_backend=megatron`
               (e.g. learning_rate None -> 1e-5 for full, eval_steps None -> 200 for full,
-              min_lr None -> learning_rate x 0.1, resume_from_checkpoint None -> '{model_type}-tp{tp}-pp{pp}');
+              min_lr None -> learning_rate x 0.1, resume_from_checkpoint None -> '{model_type}-tp{tp}-pp{pp}',
+              which `mapping.default_checkpoint` names: the field itself stays None, i.e. "not given");
 - [swift-meg] ms-swift `swift/llm/megatron/argument.py` (`MegatronMixin`) for megatron-only knobs;
 - [megatune]  ours, no swift counterpart.
 Deliberate differences from swift: `sft_type` defaults to 'full'; 'lora' trains tensor-parallel LoRA adapters (swift
@@ -17,7 +18,6 @@ Deliberate differences from swift: `sft_type` defaults to 'full'; 'lora' trains 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -48,7 +48,8 @@ class SftArguments:
     model_type: str | None = _f(None, "model type, e.g. qwen2-7b-instruct [swift2.5]")
     model_id_or_path: str | None = _f(None, "HF model id or local HF directory [swift2.5]")
     resume_from_checkpoint: str | None = _f(
-        None, "Megatron checkpoint to start from; default '{model_type}-tp{tp}-pp{pp}' [swift2.5*]")
+        None, "Megatron checkpoint (or megatune run dir) to start from; unset: '{model_type}-tp{tp}-pp{pp}' when that "
+        "directory exists, else the HF weights [swift2.5*]")
     sft_type: str = _f("full", "'full' or 'lora' with the Megatron backend [megatune; swift2.5 default 'lora']")
     train_backend: str = _f("megatron", "only 'megatron' [megatune; swift2.5 default 'transformers']")
     # LoRA (--sft_type lora): adapters on the tensor-parallel linears, see megatune.train.lora
@@ -104,7 +105,12 @@ class SftArguments:
     use_distributed_optimizer: bool = _f(True, "shard optimizer state over data-parallel ranks [swift-meg]")
     recompute_granularity: Literal["none", "selective", "full"] = _f(
         "selective", "activation recomputation [swift-meg]")
-    use_flash_attn: bool | None = _f(None, "None: use flash attention when available [swift2.5]")
+    use_flash_attn: bool | None = _f(
+        None, "attention kernels: unset = torch's choice (flash/cuDNN on GPU); true = flash kernels only (needs a "
+        "GPU); false = no flash kernels (memory-efficient/math SDPA, explicit masks for packed rows) [swift2.5]")
+    transformer_impl: Literal["native", "te"] = _f(
+        "native", "layer spec: native (torch SDPA, compiled norm/RoPE/SwiGLU; measured faster on H200, BENCHMARKS.md) "
+        "or te (Transformer Engine, must be installed) [Megatron-LM --transformer-impl]")
     # logging and checkpoints
     seed: int = _f(42, "[swift2.5]")
     output_dir: str = _f("output", "[swift2.5]")
@@ -113,7 +119,9 @@ class SftArguments:
     eval_steps: int = _f(200, "evaluate every N iterations (full sft) [swift2.5*]")
     save_steps: int | None = _f(None, "save every N iterations; default eval_steps [swift2.5*]")
     save_only_model: bool = _f(False, "save weights only, no optimizer / RNG state [swift2.5]")
-    dataloader_num_workers: int = _f(1, "[swift2.5*]")
+    dataloader_num_workers: int = _f(
+        1, "batches are built from pre-tokenized rows in the training process: 0 and 1 both mean that, more is "
+        "refused [swift2.5*]")
     overwrite: bool = _f(False, "replace an existing output directory instead of failing [megatune]")
 
     def __post_init__(self) -> None:
@@ -128,8 +136,6 @@ class SftArguments:
             self.save_steps = self.eval_steps
         if self.val_dataset:
             self.dataset_test_ratio = 0.0
-        if self.resume_from_checkpoint is None and self.model_type:
-            self.resume_from_checkpoint = f"{self.model_type}-tp{self.tp or 1}-pp{self.pp or 1}"
         self.truncation_strategy = TRUNCATION_ALIASES.get(self.truncation_strategy, self.truncation_strategy)
         for name in ("model_name", "model_author"):
             values = list(getattr(self, name))
@@ -209,30 +215,3 @@ class SftArguments:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ArgumentError(f"--{name}", f"must be in [0, 1), got {getattr(self, name)}", "e.g. 0.9")
-
-
-def sft_parser():  # -> SwiftArgParser; imported lazily so `help_notes` can come from the mapping table
-    from .cli import SwiftArgParser
-    from .mapping import TABLE, megatron_counterparts
-
-    notes = {name: f"Megatron: {meg}" for name, meg in megatron_counterparts().items()}
-    # a Megatron-LM name typed by habit (--lr, --micro_batch_size) points at its swift name
-    fields = SftArguments.__dataclass_fields__
-    hints = {rule.megatron: rule.sft[0] for rule in TABLE if rule.sft and rule.megatron not in fields}
-    hints.update({"epochs": "num_train_epochs", "lr_warmup_fraction": "warmup_ratio", "gbs": "global_batch_size"})
-    return SwiftArgParser(SftArguments, prog="megatune sft", aliases=SFT_ALIASES, help_notes=notes, hints=hints,
-                          description="Fine-tune with Megatron-Core; flags follow `swift sft` (ms-swift 2.5).")
-
-
-def parse_sft_args(argv: Sequence[str] | None = None) -> SftArguments:
-    """`megatune sft` flags (and/or a YAML/JSON file: first argument or --config) -> SftArguments.
-
-    Raises ArgumentError (a ValueError) with a one-line message on any bad flag or value; `-h/--help` prints
-    `build_help()` and raises SystemExit(0).
-    """
-    return sft_parser().parse(argv)
-
-
-def build_help() -> str:
-    """`megatune sft --help`: every argument with its type, default, source and Megatron counterpart."""
-    return sft_parser().format_help()
