@@ -14,6 +14,7 @@ from megatune.convert.hf_io import HFReader, read_config
 from megatune.convert.layout import padded_vocab_size, stage_layers
 from megatune.convert.megatron_io import (
     DTYPES,
+    META,
     load_rank_file,
     megatron_args_namespace,
     rank_file,
@@ -98,7 +99,7 @@ def load_megatron_rank(
         return dict(load_rank_file(rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp), mmap=False)["model"])
     reader = MegatronReader(ckpt_dir, iteration, meta)
     shape = reader.dims
-    check_parallel(shape, tp, where=str(Path(ckpt_dir) / "megatune.json"))
+    check_parallel(shape, tp, where=str(Path(ckpt_dir) / META))
     counts = meta["layers_per_stage"] if pp == meta["pp"] else resolve_layers_per_stage(shape.layers, pp)
     padded = padded_vocab_size(shape.vocab, meta["make_vocab_size_divisible_by"], tp)
     out = {}

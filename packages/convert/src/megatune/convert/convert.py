@@ -7,25 +7,30 @@ files' records into a small ring of buffers (MegatronReader.read_into) while a w
 pre-planned safetensors shards. Both are independent of model size; written files and consumed rank files leave
 the page cache as they go (fileio.py says why).
 
-Output goes to a temporary sibling directory that is renamed into place at the end; on any error it is removed.
+Output goes to a temporary sibling directory that is swapped into place at the end; on any error it is removed
+(ckpt_layout.atomic_dir).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from megatune.convert.api import resolve_dtype, resolve_layers_per_stage
 from megatune.convert.arch import architecture, check_parallel, shape_of
-from megatune.convert.errors import ConvertError
-from megatune.convert.hf_io import AUX_FILES, HFReader, HFWriter, copy_aux_files, read_config
+from megatune.convert.ckpt_layout import (
+    AUX_FILES,
+    HF_CONFIG,
+    RANK_KEY,
+    atomic_dir,
+    copy_aux_files,
+    rank_record,
+    write_json_atomic,
+)
+from megatune.convert.hf_io import HFReader, HFWriter, read_config
 from megatune.convert.layout import padded_vocab_size
 from megatune.convert.megatron_io import (
     dtype_name,
@@ -40,30 +45,6 @@ from megatune.convert.torchfile import Pending, StreamingTorchFile
 
 FORMAT_VERSION = 1
 RING_SLOTS, SLOT_BYTES = 4, 64 << 20  # Megatron -> HF read/write pipeline: 256 MB in flight at most
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp sibling of out_dir; rename it to out_dir on success, remove it on failure."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ConvertError(f"{out_dir}: output directory exists; pass --overwrite true or choose another directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():  # overwrite: move the old one aside first so the swap is two renames
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 class Progress:
@@ -134,7 +115,7 @@ def hf_to_megatron(
             for t in range(tp):
                 path = rank_file(tmp, "release", t, p, pp)
                 path.parent.mkdir(parents=True)
-                files.append(StreamingTorchFile(path, skeleton))
+                files.append(StreamingTorchFile(path, {**skeleton, RANK_KEY: rank_record(tp, t, pp, p)}))
             # One buffer, sized for the stage's largest entry, takes every entry's parts in turn (plan.parts_into):
             # reused memory needs no fresh page faults, and each byte is copied once on the way in.
             src = [reader.dtype(e.hf_names[0]) for e in entries]
@@ -209,6 +190,6 @@ def megatron_to_hf(
         for key in ("torch_dtype", "dtype"):  # record the dtype the weights are now in
             if key in cfg or key == "torch_dtype":
                 cfg[key] = dtype_name(to)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-        copy_aux_files(ckpt_dir, tmp, [f for f in AUX_FILES if f != "config.json"])
+        write_json_atomic(tmp / HF_CONFIG, cfg)
+        copy_aux_files(ckpt_dir, tmp, [f for f in AUX_FILES if f != HF_CONFIG])
     return out_dir

@@ -10,21 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import struct
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from megatune.convert.ckpt_layout import AUX_FILES, HF_CONFIG, copy_aux_files, write_json_atomic
 from megatune.convert.errors import ConvertError
 from megatune.convert.fileio import IOV_MAX, SequentialWriter, as_bytes, preadv_full, read_into
 
 INDEX = "model.safetensors.index.json"
-# Files copied along with the weights (config, generation config, tokenizer and chat template).
-AUX_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-)
+__all__ = ["AUX_FILES", "copy_aux_files", "HFReader", "HFWriter", "read_config", "read_header", "INDEX"]
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
@@ -32,7 +27,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def read_config(hf_dir: Path) -> dict:
-    path = Path(hf_dir) / "config.json"
+    path = Path(hf_dir) / HF_CONFIG
     if not path.is_file():
         raise ConvertError(f"{path}: not found; --model_id_or_path must be a Hugging Face model directory")
     try:
@@ -239,14 +234,4 @@ class HFWriter:
         if len(self.files) > 1:
             total = sum(math.prod(s) * d.itemsize for _, s, d in self.specs)
             weight_map = {self.specs[i][0]: self.files[s] for s, idx in enumerate(self.shards) for i in idx}
-            (self.dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2) + "\n")
-
-
-def copy_aux_files(src: Path, dst: Path, names: Iterable[str] = AUX_FILES) -> list[str]:
-    copied = []
-    for name in names:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-            copied.append(name)
-    return copied
+            write_json_atomic(self.dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -1,90 +1,36 @@
-"""The Megatron-LM legacy checkpoint layout (what `--load` reads with `--use-checkpoint-args`), plus megatune.json.
-
-    DIR/latest_checkpointed_iteration.txt          "release" or an integer, replaced atomically, last
-    DIR/{release|iter_%07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
-    DIR/megatune.json                               HF config, dtype, tp/pp, vocab padding, layer-spec naming
+"""Megatron-LM's `args` for a legacy checkpoint (what `--load` reads with `--use-checkpoint-args`), and the
+checkpoint-layout names re-exported for existing importers (ckpt_layout is their home: file names, rank naming,
+tracker, megatune.json, allow-listed loading).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pickle
-import zipfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from megatune.convert.arch import megatron_model_args
-from megatune.convert.errors import ConvertError
+from megatune.convert.ckpt_layout import (
+    META,
+    META_KEYS,
+    iteration_dir,
+    load_rank_file,
+    rank_file,
+    read_latest,
+    read_meta,
+    write_latest,
+    write_meta,
+)
+from megatune.convert.ckpt_layout import TRACKER as LATEST
 
-LATEST = "latest_checkpointed_iteration.txt"
-META = "megatune.json"
-META_KEYS = ("format_version", "model_type", "architecture", "hf_config", "dtype", "tp", "pp", "layers_per_stage",
-             "vocab_size", "padded_vocab_size", "make_vocab_size_divisible_by", "naming", "tied_embeddings")
+__all__ = ["LATEST", "META", "META_KEYS", "DTYPES", "dtype_name", "iteration_dir", "rank_file", "write_latest",
+           "read_latest", "write_meta", "read_meta", "megatron_args_namespace", "load_rank_file"]
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-
-# The only non-tensor class our rank files pickle; Megatron-LM training checkpoints add numpy RNG state etc.,
-# which callers that need them (megatune.train) allow-list themselves.
-torch.serialization.add_safe_globals([argparse.Namespace])
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def iteration_dir(iteration: int | str | None) -> str:
-    return "release" if iteration in (None, "release") else f"iter_{int(iteration):07d}"
-
-
-def rank_file(ckpt_dir: str | Path, iteration: int | str | None, tp_rank: int, pp_rank: int, pp: int) -> Path:
-    rank = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return Path(ckpt_dir) / iteration_dir(iteration) / rank / "model_optim_rng.pt"
-
-
-def write_latest(ckpt_dir: str | Path, iteration: int | str) -> None:
-    """Atomically replace the tracker file: readers see the old or the new iteration, never a partial file."""
-    path = Path(ckpt_dir) / LATEST
-    tmp = path.with_name(f".{LATEST}.{os.getpid()}.tmp")
-    tmp.write_text(f"{iteration}\n" if iteration == "release" else f"{int(iteration)}\n")
-    os.replace(tmp, path)
-
-
-def read_latest(ckpt_dir: str | Path) -> int | str:
-    path = Path(ckpt_dir) / LATEST
-    if not path.is_file():
-        raise ConvertError(f"{path}: not found; is {ckpt_dir} a Megatron checkpoint directory "
-                           f"(written by `megatune export --to_megatron true` or `megatune sft`)?")
-    text = path.read_text().strip()
-    if text == "release":
-        return "release"
-    try:
-        return int(text)
-    except ValueError:
-        raise ConvertError(f"{path}: expected 'release' or an iteration number, found {text!r}") from None
-
-
-def write_meta(ckpt_dir: str | Path, meta: dict) -> None:
-    missing = [k for k in META_KEYS if k not in meta]
-    assert not missing, f"megatune.json needs {missing}"
-    (Path(ckpt_dir) / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_meta(ckpt_dir: str | Path) -> dict:
-    path = Path(ckpt_dir) / META
-    if not path.is_file():
-        raise ConvertError(f"{path}: not found; {ckpt_dir} was not written by megatune "
-                           f"(convert the HF model with `megatune export --to_megatron true`)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: invalid JSON ({e})") from None
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise ConvertError(f"{path}: missing keys {missing}")
-    return meta
 
 
 def megatron_args_namespace(meta: dict, **overrides: Any) -> argparse.Namespace:
@@ -130,19 +76,3 @@ def megatron_args_namespace(meta: dict, **overrides: Any) -> argparse.Namespace:
     )
     args.update(overrides)
     return argparse.Namespace(**args)
-
-
-def load_rank_file(path: Path, *, mmap: bool = True, meta: bool = False) -> dict:
-    """torch.load with weights_only=True (allow-list: argparse.Namespace); mmap keeps RSS to the pages touched.
-    meta=True reads only the pickle: tensors on the meta device, each storage carrying `_checkpoint_offset`, its
-    byte offset in the file (what torch.load sets for meta/fake loading), so callers can read records directly."""
-    if not path.is_file():
-        raise ConvertError(f"{path}: rank file not found; the checkpoint is incomplete or was written with a "
-                           f"different tp/pp than megatune.json says")
-    try:
-        if meta:
-            return torch.load(path, map_location="meta", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{path}: cannot load ({first}); the file is corrupt or not a torch checkpoint") from None

@@ -15,10 +15,18 @@ from pathlib import Path
 
 import torch
 from megatune.convert.arch import EMBEDDING, Shape, shape_of
+from megatune.convert.ckpt_layout import (
+    RANK_DIR_GLOB,
+    TRACKER,
+    load_rank_file,
+    rank_file,
+    rank_record,
+    read_latest,
+    read_meta,
+)
 from megatune.convert.errors import ConvertError
 from megatune.convert.fileio import IOV_MAX, as_bytes, drop_cache, preadv_full
 from megatune.convert.layout import ROW
-from megatune.convert.megatron_io import load_rank_file, rank_file, read_latest, read_meta
 from megatune.convert.plan import Entry, hf_shape, is_tied_copy, part_row_ranges, rank_shape, stage_entries
 
 
@@ -46,8 +54,8 @@ class MegatronReader:
     def _check_rank_dirs(self) -> None:
         it_dir = rank_file(self.dir, self.iteration, 0, 0, self.pp).parent.parent
         if not it_dir.is_dir():
-            raise ConvertError(f"{it_dir}: not found (named by {self.dir}/latest_checkpointed_iteration.txt)")
-        found = sorted(p.name for p in it_dir.glob("mp_rank_*"))
+            raise ConvertError(f"{it_dir}: not found (named by {self.dir}/{TRACKER})")
+        found = sorted(p.name for p in it_dir.glob(RANK_DIR_GLOB))
         want = sorted(rank_file(self.dir, self.iteration, t, p, self.pp).parent.name
                       for t in range(self.tp) for p in range(self.pp))
         if found != want:
@@ -73,7 +81,7 @@ class MegatronReader:
         self.release()
         for t in range(self.tp):
             path = rank_file(self.dir, self.iteration, t, stage, self.pp)
-            model = load_rank_file(path, meta=True)["model"]
+            model = load_rank_file(path, meta=True, rank=rank_record(self.tp, t, self.pp, stage))["model"]
             fd = os.open(path, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead: records are read in order
             self._files.append((path, fd, model))

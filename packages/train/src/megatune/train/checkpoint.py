@@ -1,56 +1,43 @@
 """Load pretrained weights into GPTModel chunks; save and resume Megatron-LM legacy training checkpoints.
 
-Layout (DESIGN.md "Checkpoint formats"), readable by Megatron-LM `--load` and by `megatune export --to_hf`:
+Layout: megatune.convert.ckpt_layout (file names, rank naming, atomic writes; DESIGN.md "Checkpoint formats"),
+readable by Megatron-LM `--load` and by `megatune export --to_hf`. Each rank file holds model, checkpoint_version
+3.0, iteration, args, optimizer, opt_param_scheduler, rng_state, extra and its own rank record; the directory also
+gets megatune.json (tp/pp/layers/vocab padding/naming of THIS run) and the tokenizer and config files.
 
-    DIR/latest_checkpointed_iteration.txt            replaced atomically, LAST
-    DIR/iter_%07d/mp_rank_TT[_PPP]/model_optim_rng.pt  model, checkpoint_version 3.0, iteration, args,
-                                                     optimizer, opt_param_scheduler, rng_state, extra
-    DIR/megatune.json (tp/pp/layers/vocab padding/naming of THIS run) + tokenizer and config files
-
-An iteration is written into a temporary sibling `DIR/.iter_%07d.tmp` and renamed into place by rank 0 after a
-barrier, so a crash never leaves a half-written iteration behind the tracker file. Only data-parallel rank 0 of
-each (tp, pp) coordinate writes (the non-distributed optimizer's state is replicated over DP). Everything is read
-back with `torch.load(weights_only=True)`; the allow-list is argparse.Namespace (RNG states are plain values).
+An iteration is written into a staging sibling (ckpt_layout.iteration_temp) and swapped into place by rank 0 after
+a barrier, then the metadata files are replaced atomically and the tracker file last, so a crash never leaves a
+half-written iteration or a damaged megatune.json behind the tracker. Only data-parallel rank 0 of each (tp, pp)
+coordinate writes (the non-distributed optimizer's state is replicated over DP). Everything is read back through
+ckpt_layout's allow-listed `torch.load(weights_only=True)`, megatron-core's distributed-optimizer shard included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatune.convert import ckpt_layout
 from megatune.train import cpu_mode
 from megatune.train.errors import TrainError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 3.0
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                    "config.json", "generation_config.json")
 
 
-def _safe_globals() -> list:
-    """The only non-tensor class a training checkpoint pickles: Megatron-LM's args. (RNG states are stored as
-    plain python values, so numpy types need no allow-listing, here or in `megatune export`.)"""
-    import argparse
+def _torch_load(path: Path, rank: dict | None = None) -> dict:
+    """The rank file through convert's allow-listed loader (ckpt_layout.safe_load), its recorded rank checked."""
+    from megatune.convert.errors import ConvertError
 
-    return [argparse.Namespace]
-
-
-def _torch_load(path: Path) -> dict:
-    if not path.is_file():
-        raise TrainError(f"{path}: rank file not found; the checkpoint is incomplete or its tp/pp differ from "
-                         f"megatune.json")
-    # add_safe_globals, not the safe_globals() context manager: on exit that one removes what it added even when
-    # it was allow-listed before (megatune.convert allow-lists argparse.Namespace process-wide).
-    torch.serialization.add_safe_globals(_safe_globals())
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return ckpt_layout.load_rank_file(path, mmap=False, rank=rank)
+    except ConvertError as e:
+        raise TrainError(str(e)) from None
 
 
 def _coords() -> tuple[int, int, int, int]:
@@ -110,12 +97,12 @@ def _load_into(model, state: dict[str, torch.Tensor], source: str) -> None:
 
 
 def _source_kind(source_dir: Path) -> str:
-    if (source_dir / "latest_checkpointed_iteration.txt").is_file():
+    if ckpt_layout.is_megatron_dir(source_dir):
         return "megatron"
     if (source_dir / "config.json").is_file() and any(source_dir.glob("*.safetensors")):
         return "hf"
     raise TrainError(f"{source_dir}: not an HF model (config.json + *.safetensors) nor a Megatron checkpoint "
-                     f"(latest_checkpointed_iteration.txt); pass --model_id_or_path / --resume_from_checkpoint "
+                     f"({ckpt_layout.TRACKER}); pass --model_id_or_path / --resume_from_checkpoint "
                      f"pointing at one")
 
 
@@ -199,7 +186,7 @@ def run_meta(meta: dict, model_chunks) -> dict:
             "naming": _naming(model), "tied_embeddings": tied}
 
 
-DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # Megatron-LM's name for the distributed optimizer's parameter state
+DISTRIB_OPTIM_FILE = ckpt_layout.DISTRIB_OPTIM  # kept for importers (runtime)
 
 
 @contextlib.contextmanager
@@ -237,19 +224,16 @@ def save_checkpoint(ckpt_dir, iteration: int, model_chunks, *, optimizer=None, s
     model = _single(model_chunks)
     ckpt_dir = Path(ckpt_dir)
     tp, pp, tp_rank, pp_rank = _coords()
-    name = f"iter_{int(iteration):07d}"
-    final, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
+    tmp = ckpt_layout.iteration_temp(ckpt_dir, iteration)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     full_meta = run_meta(meta, model_chunks)
     if rank0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-        tmp.mkdir()
+        ckpt_layout.begin_iteration_temp(ckpt_dir, iteration)  # also clears stale leftovers of crashed saves
     _barrier()
     if parallel_state.get_data_parallel_rank() == 0:
         state = {"model": _model_state(model), "checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
                  "args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
-                 "extra": dict(extra or {})}
+                 "extra": dict(extra or {}), ckpt_layout.RANK_KEY: ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank)}
         if optimizer is not None and save_optim:
             state["optimizer"] = optimizer.state_dict()
         if scheduler is not None and save_optim:
@@ -259,28 +243,23 @@ def save_checkpoint(ckpt_dir, iteration: int, model_chunks, *, optimizer=None, s
         rank_path = api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)  # DIR/iter_X/mp_rank_../file
         path = tmp / rank_path.parent.name / rank_path.name
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
+        ckpt_layout.torch_save_atomic(state, path)
     _barrier()
     if optimizer is not None and save_optim and is_distributed_optimizer(optimizer):
         # Its fp32 master weights and Adam moments are sharded over DP and live outside state_dict(); like
         # Megatron-LM, gather them to DP rank 0 (a collective: every DP rank calls) into distrib_optim.pt.
         rank_path = api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)
-        optimizer.save_parameter_state(str(tmp / rank_path.parent.name / DISTRIB_OPTIM_FILE))
+        shard = tmp / rank_path.parent.name / ckpt_layout.DISTRIB_OPTIM
+        optimizer.save_parameter_state(str(shard))
+        if shard.is_file():  # written by DP rank 0 only
+            ckpt_layout.fsync_file(shard)
         _barrier()
+    final = ckpt_dir / ckpt_layout.iteration_dir(iteration)
     if rank0:
-        if final.exists():  # re-saving an iteration: swap the old one out, then delete it
-            old = ckpt_dir / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        api.write_meta(ckpt_dir, full_meta)
+        ckpt_layout.publish_iteration(ckpt_dir, iteration)  # atomic exchange when re-saving an iteration
+        api.write_meta(ckpt_dir, full_meta)  # every file: temp sibling + fsync + rename
         if tokenizer_dir is not None:
-            for f in _TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / f).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / f, ckpt_dir / f)
+            ckpt_layout.copy_aux_files(tokenizer_dir, ckpt_dir)
         api.write_latest(ckpt_dir, int(iteration))
     _barrier()
     return final
@@ -307,7 +286,8 @@ def load_checkpoint(ckpt_dir, model_chunks, optimizer=None, scheduler=None, *, i
                              f"(load_optim=False / --no_load_optim)")
         load_pretrained(model_chunks, ckpt_dir, iteration=iteration)
         return {"iteration": iteration, "extra": {}, "meta": meta}
-    state = _torch_load(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp))
+    state = _torch_load(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp),
+                        ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank))
     _load_into(model, state["model"], str(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)))
     if load_optim and optimizer is not None:
         if "optimizer" not in state:
@@ -319,9 +299,9 @@ def load_checkpoint(ckpt_dir, model_chunks, optimizer=None, scheduler=None, *, i
         optimizer.load_state_dict(state["optimizer"])
         if is_distributed_optimizer(optimizer):
             # load_state_dict only allocated the sharded master weights / moments; fill them (collective over DP)
-            with _adam_steps_hidden(optimizer):
-                optimizer.load_parameter_state(
-                    str(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp).parent / DISTRIB_OPTIM_FILE))
+            with _adam_steps_hidden(optimizer):  # megatron-core's load_parameter_state, but allow-listed loading
+                ckpt_layout.load_distributed_optimizer_state(
+                    optimizer, ckpt_layout.distrib_optim_file(ckpt_dir, iteration, tp_rank, pp_rank, pp))
         if fused_kernel:  # load_state_dict restored the saved groups' kernel flags: keep this optimizer's choice
             use_fused_adamw(optimizer, devices=("cuda", "cpu"))
     if load_optim and scheduler is not None and "opt_param_scheduler" in state:

@@ -97,8 +97,10 @@ def load_config(meta_or_hf_config) -> tuple[dict, dict]:
     """(hf_config, meta) from a megatune.json dict, an HF config dict, or a directory holding either."""
     if isinstance(meta_or_hf_config, (str, Path)):
         d = Path(meta_or_hf_config)
-        if (d / "megatune.json").is_file():
-            meta_or_hf_config = json.loads((d / "megatune.json").read_text())
+        from megatune.convert import ckpt_layout
+
+        if ckpt_layout.has_meta(d):
+            meta_or_hf_config = ckpt_layout.read_meta(d)  # the one megatune.json reader (types checked)
         elif (d / "config.json").is_file():
             meta_or_hf_config = json.loads((d / "config.json").read_text())
         else:

@@ -5,7 +5,7 @@
         logging.jsonl             one JSON object per logged step / evaluation (swift's keys where swift has one)
         runs/                     TensorBoard events (--logging_dir overrides)
         images/train_loss.png     loss curve(s), drawn at the end (matplotlib Agg: no display needed)
-        iter_0000010/ ... latest_checkpointed_iteration.txt, megatune.json, tokenizer   (checkpoint.py writes these)
+        iter_0000010/ ... tracker, metadata, tokenizer   (checkpoint.py writes these; names in convert.ckpt_layout)
 
 Only global rank 0 writes; other ranks get a RunLogger with enabled=False whose methods do nothing, so the trainer
 never branches on rank. N is the next free version index (max existing + 1), as swift numbers its runs.

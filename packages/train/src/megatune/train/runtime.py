@@ -42,8 +42,10 @@ class Source:
 
 def _is_run_dir(d: Path) -> bool:
     """A megatune run dir whose checkpoint carries optimizer/scheduler/data state (not --save_only_model)."""
+    from megatune.convert.ckpt_layout import is_megatron_dir
+
     args = d / "args.json"
-    if not (args.is_file() and (d / "latest_checkpointed_iteration.txt").is_file()):
+    if not (args.is_file() and is_megatron_dir(d)):
         return False
     try:
         return not json.loads(args.read_text()).get("save_only_model", False)
@@ -53,6 +55,7 @@ def _is_run_dir(d: Path) -> bool:
 
 def resolve_source(sft) -> Source:
     from megatune.convert import api
+    from megatune.convert.ckpt_layout import TRACKER, is_megatron_dir
     from megatune.convert.errors import ConvertError
     from megatune.convert.registry import resolve_weights
 
@@ -60,8 +63,8 @@ def resolve_source(sft) -> Source:
     defaulted = bool(sft.model_type) and resume == f"{sft.model_type}-tp{sft.tp or 1}-pp{sft.pp or 1}"
     if resume and Path(resume).expanduser().is_dir():
         d = Path(resume).expanduser().resolve()
-        if not (d / "latest_checkpointed_iteration.txt").is_file():
-            raise TrainError(f"--resume_from_checkpoint {resume}: no latest_checkpointed_iteration.txt, not a Megatron "
+        if not is_megatron_dir(d):
+            raise TrainError(f"--resume_from_checkpoint {resume}: no {TRACKER}, not a Megatron "
                              f"checkpoint; convert one with `megatune export --to_megatron true` or pass "
                              f"--model_id_or_path for HF weights")
         try:
@@ -222,15 +225,14 @@ def _lacks_distributed_optimizer_state(optimizer, ckpt_dir: Path, dist) -> bool:
     `distrib_optim.pt`); its `load_state_dict` allocates them uninitialised for `load_parameter_state` to fill. Without
     the file we must not load its state dict at all: we re-derive the master weights from the loaded model weights
     instead, so training continues from the checkpoint's weights and schedule with fresh Adam moments."""
-    from megatune.train.checkpoint import DISTRIB_OPTIM_FILE, is_distributed_optimizer
+    from megatune.train.checkpoint import is_distributed_optimizer
 
     if not is_distributed_optimizer(optimizer):
         return False
-    from megatune.convert import api
+    from megatune.convert import ckpt_layout
 
-    iteration = api.read_latest(ckpt_dir)
-    rank_dir = api.rank_file(ckpt_dir, iteration, dist.tp_rank, dist.pp_rank, dist.pp).parent
-    return not (rank_dir / DISTRIB_OPTIM_FILE).is_file()
+    iteration = ckpt_layout.read_latest(ckpt_dir)
+    return not ckpt_layout.distrib_optim_file(ckpt_dir, iteration, dist.tp_rank, dist.pp_rank, dist.pp).is_file()
 
 
 def build_run(sft, *, progress: bool = True):

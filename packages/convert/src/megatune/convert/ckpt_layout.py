@@ -1,0 +1,482 @@
+"""The checkpoint layout: the one home of every file name in a checkpoint directory, of rank naming, of atomic
+writes and directory swaps, of stale-leftover cleanup, and of allow-listed loading.
+
+    DIR/latest_checkpointed_iteration.txt     TRACKER: "release" or an integer; replaced atomically, last
+    DIR/megatune.json                         META: HF config, dtype, tp/pp, vocab padding, layer-spec naming
+    DIR/megatron_args.sh                      MEGATRON_ARGS: the Megatron-LM flags that load the checkpoint
+    DIR/config.json, tokenizer files          AUX_FILES, copied from the HF source
+    DIR/{release|iter_%07d}/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt   RANK_FILE
+                                                         .../distrib_optim.pt           DISTRIB_OPTIM
+
+Rank directories are named as Megatron-LM's `get_checkpoint_name` names them: the pp part when pp > 1, the ep
+part when expert parallelism is on. Every rank file also records its own coordinates (RANK_KEY), so a renamed or
+swapped rank directory is refused instead of converting into a wrong model.
+
+Writes never damage what was there: a file goes to a temporary sibling (`.NAME.tmp-HOST-PID`), is fsynced and
+renamed into place, then its directory is fsynced. A directory is published by an atomic exchange with the old one
+(Linux renameat2 RENAME_EXCHANGE) when it exists; where that is unsupported, two renames, and a kill between them
+is undone on the next run (`recover`). Leftovers are removed only when provably stale: made on this host by a
+process that is no longer running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import pickle
+import re
+import shutil
+import socket
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatune.convert.errors import ConvertError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "megatune.json"
+MEGATRON_ARGS = "megatron_args.sh"
+RANK_FILE = "model_optim_rng.pt"
+DISTRIB_OPTIM = "distrib_optim.pt"
+RELEASE = "release"
+HF_CONFIG = "config.json"
+# Copied into a checkpoint directory along with the weights, and back out on export (config, tokenizer, template).
+AUX_FILES = (
+    HF_CONFIG, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+RANK_DIR_GLOB = "mp_rank_*"
+RANK_KEY = "megatune_rank"  # in every rank file: {"tp", "tp_rank", "pp", "pp_rank", "ep", "ep_rank"}
+OWNER = ".megatune-owner"  # "HOST PID" inside a training save's temporary iteration directory
+# megatune.json keys and their types; read_meta refuses a value of another type with the file and key.
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "format_version": (int,), "model_type": (str, type(None)), "architecture": (str, type(None)),
+    "hf_config": (dict,), "dtype": (str,), "tp": (int,), "pp": (int,), "layers_per_stage": (list,),
+    "vocab_size": (int,), "padded_vocab_size": (int,), "make_vocab_size_divisible_by": (int,), "naming": (str,),
+    "tied_embeddings": (bool,),
+}
+META_KEYS = tuple(META_TYPES)
+OPTIONAL_META_TYPES: dict[str, tuple[type, ...]] = {"ep": (int,), "lora": (dict, type(None))}
+# The only non-tensor class a rank file pickles (Megatron-LM's args); RNG states are stored as plain values.
+SAFE_GLOBALS = [argparse.Namespace]
+torch.serialization.add_safe_globals(SAFE_GLOBALS)
+
+
+# ------------------------------------------------------------------------------------------------ names
+def iteration_dir(iteration: int | str | None) -> str:
+    return RELEASE if iteration in (None, RELEASE) else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Megatron-LM's get_checkpoint_name: mp_rank_TT, + _PPP when pp > 1, + _EEE when expert parallelism is on."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name + (f"_{ep_rank:03d}" if ep > 1 else "")
+
+
+def rank_file(ckpt_dir: str | Path, iteration: int | str | None, tp_rank: int, pp_rank: int, pp: int,
+              ep_rank: int = 0, ep: int = 1) -> Path:
+    return Path(ckpt_dir) / iteration_dir(iteration) / rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep) / RANK_FILE
+
+
+def distrib_optim_file(ckpt_dir: str | Path, iteration: int | str | None, tp_rank: int, pp_rank: int, pp: int,
+                       ep_rank: int = 0, ep: int = 1) -> Path:
+    """The distributed optimizer's parameter-state shard, next to the rank file (Megatron-LM's name)."""
+    return rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp, ep_rank, ep).with_name(DISTRIB_OPTIM)
+
+
+def rank_record(tp: int, tp_rank: int, pp: int, pp_rank: int, ep: int = 1, ep_rank: int = 0) -> dict[str, int]:
+    """What a rank file stores under RANK_KEY: its own coordinates."""
+    return {"tp": tp, "tp_rank": tp_rank, "pp": pp, "pp_rank": pp_rank, "ep": ep, "ep_rank": ep_rank}
+
+
+def check_rank(state: dict, path: Path, want: dict[str, int]) -> None:
+    """Refuse a rank file whose recorded coordinates differ from where it sits (files written before the record
+    existed carry none and are accepted)."""
+    got = state.get(RANK_KEY)
+    if not isinstance(got, dict):
+        return
+    if any(got.get(k, 1 if k == "ep" else 0) != v for k, v in want.items()):
+        def show(r: dict) -> str:
+            return (f"tp rank {r.get('tp_rank')} of tp={r.get('tp')}, pp rank {r.get('pp_rank')} of pp={r.get('pp')}"
+                    + (f", ep rank {r.get('ep_rank')} of ep={r.get('ep')}" if r.get("ep", 1) > 1 else ""))
+        raise ConvertError(f"{path}: written as {show(got)}, expected {show(want)}; rank directories were renamed, "
+                           f"swapped or copied: restore the checkpoint as it was written")
+
+
+def temp_sibling(path: str | Path, kind: str = "tmp") -> Path:
+    """`.NAME.tmp-HOST-PID` (or `.old-`): where a file or directory is staged; its owner is recoverable."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+def iteration_temp(ckpt_dir: str | Path, iteration: int | str) -> Path:
+    """A training save's staging directory, the same name on every rank (rank 0 records its owner inside)."""
+    return Path(ckpt_dir) / f".{iteration_dir(iteration)}.tmp"
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB" if n >= 10**5 else f"{n} bytes"
+
+
+def free_bytes(path: str | Path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def write_error(path: str | Path, e: OSError, need: int | None = None) -> ConvertError:
+    """One line for a failed write: the file, what happened, and for a full disk the space that was needed."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        needed = f"; about {_size(need)} needed" if need else ""
+        return ConvertError(f"{path}: no space left on device ({_size(free_bytes(path))} free{needed}); free some "
+                            f"space or write to another filesystem")
+    return ConvertError(f"{path}: cannot write ({e.strerror or e})")
+
+
+# ------------------------------------------------------------------------------------------------ atomic files
+def fsync_dir(directory: str | Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, need: int | None = None) -> Iterator[Path]:
+    """Yield a temp sibling to fill; then fsync it, rename it over `path`, fsync the directory. On any error the
+    temp file goes and `path` is as it was."""
+    tmp = temp_sibling(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e, need) from None
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    with _replacing(path, len(data)) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_file_atomic(src: str | Path, dst: str | Path) -> None:
+    dst = Path(dst)
+    with _replacing(dst, Path(src).stat().st_size) as tmp:
+        shutil.copy2(src, tmp)
+
+
+def copy_aux_files(src: str | Path, dst: str | Path, names: Iterable[str] = AUX_FILES) -> list[str]:
+    """Copy the config/tokenizer files that exist in `src` into `dst`, each atomically."""
+    copied = []
+    for name in names:
+        if (Path(src) / name).is_file():
+            copy_file_atomic(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp sibling, fsync, rename into place."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# ------------------------------------------------------------------------------------------------ directories
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (renameat2 RENAME_EXCHANGE). False where the OS or filesystem cannot."""
+    fn = getattr(_LIBC, "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish_dir(tmp: Path, dst: Path) -> None:
+    """Put the finished directory `tmp` at `dst`, replacing what is there; `dst` is never missing on the way."""
+    fsync_dir(tmp)
+    if not dst.exists():
+        os.rename(tmp, dst)
+    elif exchange(tmp, dst):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old copy
+    else:  # fallback: two renames; a kill between them is undone by recover() on the next run
+        old = temp_sibling(dst, "old")
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(dst.parent)
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_owner(host: str | None, pid: str) -> bool:
+    """Provably gone: made on this host (or by an older megatune that wrote no host) by a process not running."""
+    return (host is None or host == socket.gethostname()) and int(pid) != os.getpid() and not _alive(int(pid))
+
+
+def _stale_iteration_temp(path: Path) -> bool:
+    try:
+        host, pid = (path / OWNER).read_text().split()
+    except (OSError, ValueError):
+        return False
+    return _dead_owner(host, pid)
+
+
+def recover(dst: str | Path) -> None:
+    """Undo a publish killed between its two renames: put the old copy back where `dst` is missing."""
+    dst = Path(dst)
+    if dst.exists() or not dst.parent.is_dir():
+        return
+    for p in dst.parent.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if m and m["name"] == dst.name and m["kind"] == "old" and _dead_owner(m["host"], m["pid"]):
+            os.rename(p, dst)
+            return
+
+
+def clean_stale(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Remove provably stale leftovers in `directory` (of `name` only, when given); returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.iterdir():
+        m = _LEFTOVER.match(p.name)
+        stale = (m is not None and (name is None or m["name"] == name) and _dead_owner(m["host"], m["pid"])) or (
+            name is None and re.fullmatch(r"\.(iter_\d{7}|release)\.tmp", p.name) and _stale_iteration_temp(p))
+        if stale:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def begin_iteration_temp(ckpt_dir: str | Path, iteration: int | str) -> Path:
+    """Rank 0 of a training save: clean stale leftovers, then a fresh staging dir that records its owner."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale(ckpt_dir)
+    tmp = iteration_temp(ckpt_dir, iteration)
+    shutil.rmtree(tmp, ignore_errors=True)  # this run's own earlier attempt at the same iteration
+    tmp.mkdir()
+    (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    return tmp
+
+
+def publish_iteration(ckpt_dir: str | Path, iteration: int | str) -> Path:
+    """Rank 0, after every rank wrote its files into iteration_temp: swap it in as the iteration directory."""
+    tmp, final = iteration_temp(ckpt_dir, iteration), Path(ckpt_dir) / iteration_dir(iteration)
+    (tmp / OWNER).unlink(missing_ok=True)
+    publish_dir(tmp, final)
+    return final
+
+
+def contains(outer: Path, inner: Path) -> bool:
+    """True when `inner` is `outer` or lies inside it (symlinks resolved)."""
+    outer, inner = Path(outer).resolve(), Path(inner).resolve()
+    return outer == inner or outer in inner.parents
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool, *, inputs: Iterable[str | Path] = (), need: int | None = None,
+               flag: str = "output") -> Iterator[Path]:
+    """Yield a fresh temp sibling of out_dir to fill; publish it at out_dir on success, remove it on any error
+    (a full disk becomes one line naming the file and the space needed). `inputs` may not be out_dir or lie inside
+    it (--overwrite would delete them); `need`: bytes to be written, checked against the free space first."""
+    out_dir = Path(out_dir)
+    for src in inputs:
+        if contains(out_dir, Path(src)):
+            raise ConvertError(f"{flag} {out_dir}: is or contains the input {src}; writing there would delete the "
+                               f"input: choose another output directory")
+    parent = out_dir.parent
+    for p in [parent, *parent.parents]:
+        if p.exists() and not p.is_dir():
+            raise ConvertError(f"{flag} {out_dir}: {p} is a file, not a directory; choose another output path")
+    recover(out_dir)
+    clean_stale(parent, out_dir.name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConvertError(f"{flag} {out_dir}: exists and is a file, not a directory; remove it or choose another "
+                           f"output path")
+    if out_dir.exists() and not overwrite:
+        raise ConvertError(f"{out_dir}: output directory exists; pass --overwrite true or choose another directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(parent, e) from None
+    if need is not None and free_bytes(parent) < need:
+        raise ConvertError(f"{out_dir}: not enough free space ({_size(free_bytes(parent))} free, about {_size(need)} "
+                           f"needed); free some space or write to another filesystem")
+    tmp = temp_sibling(out_dir)
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(e.filename or out_dir, e, need) from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ tracker, meta
+def write_latest(ckpt_dir: str | Path, iteration: int | str) -> None:
+    """Atomically replace the tracker file: readers see the old or the new iteration, never a partial file."""
+    write_text_atomic(Path(ckpt_dir) / TRACKER, f"{RELEASE if iteration == RELEASE else int(iteration)}\n")
+
+
+def read_latest(ckpt_dir: str | Path) -> int | str:
+    path = Path(ckpt_dir) / TRACKER
+    if not path.is_file():
+        raise ConvertError(f"{path}: not found; is {ckpt_dir} a Megatron checkpoint directory "
+                           f"(written by `megatune export --to_megatron true` or `megatune sft`)?")
+    text = path.read_text(errors="replace").strip()
+    if text == RELEASE:
+        return RELEASE
+    try:
+        return int(text)
+    except ValueError:
+        raise ConvertError(f"{path}: expected 'release' or an iteration number, found {text!r}") from None
+
+
+def is_megatron_dir(d: str | Path) -> bool:
+    return (Path(d) / TRACKER).is_file()
+
+
+def has_meta(d: str | Path) -> bool:
+    return (Path(d) / META).is_file()
+
+
+def write_meta(ckpt_dir: str | Path, meta: dict) -> None:
+    missing = [k for k in META_KEYS if k not in meta]
+    assert not missing, f"{META} needs {missing}"
+    write_json_atomic(Path(ckpt_dir) / META, meta)
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def read_meta(ckpt_dir: str | Path) -> dict:
+    """megatune.json, with every known key's type checked: one line naming the file and the key otherwise."""
+    path = Path(ckpt_dir) / META
+    if not path.is_file():
+        raise ConvertError(f"{path}: not found; {ckpt_dir} was not written by megatune "
+                           f"(convert the HF model with `megatune export --to_megatron true`)")
+    try:
+        meta = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: invalid JSON ({e}); the file is damaged: restore it from a copy") from None
+    if not isinstance(meta, dict):
+        raise ConvertError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ConvertError(f"{path}: missing keys {missing}")
+    for key, types in {**META_TYPES, **OPTIONAL_META_TYPES}.items():
+        if key in meta and not _type_ok(meta[key], types):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ConvertError(f"{path}: key {key!r} is {meta[key]!r}, expected {want}; the file was edited: restore it")
+    for key in ("tp", "pp"):
+        if meta[key] < 1:
+            raise ConvertError(f"{path}: key {key!r} is {meta[key]}, expected a size >= 1; restore the file")
+    if not all(_type_ok(n, (int,)) and n >= 0 for n in meta["layers_per_stage"]) or \
+            len(meta["layers_per_stage"]) != meta["pp"]:
+        raise ConvertError(f"{path}: key 'layers_per_stage' is {meta['layers_per_stage']!r}, expected pp={meta['pp']} "
+                           f"layer counts; restore the file")
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def safe_load(path: str | Path, *, mmap: bool = False, meta_device: bool = False) -> Any:
+    """torch.load with weights_only=True (allow-list: SAFE_GLOBALS), for every rank file and optimizer shard.
+    meta_device=True reads only the pickle: tensors on the meta device, each storage carrying
+    `_checkpoint_offset` (its byte offset in the file), so callers can read records directly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"{path}: not found; the checkpoint is incomplete or was written with a different "
+                           f"tp/pp than {META} says")
+    try:
+        if meta_device:
+            return torch.load(path, map_location="meta", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{path}: cannot load ({first}); the file is corrupt or not a torch checkpoint") from None
+
+
+def load_rank_file(path: str | Path, *, mmap: bool = True, meta: bool = False, rank: dict | None = None) -> dict:
+    """A rank file (mmap keeps RSS to the pages touched); `rank`: the rank_record it must carry, when recorded."""
+    state = safe_load(path, mmap=mmap, meta_device=meta)
+    if not isinstance(state, dict):
+        raise ConvertError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict; the file is not a rank file")
+    if rank is not None:
+        check_rank(state, Path(path), rank)
+    return state
+
+
+def load_distributed_optimizer_state(optimizer: Any, path: str | Path) -> None:
+    """megatron-core's `load_parameter_state`, with distrib_optim.pt read by safe_load (theirs is a bare torch.load,
+    which unpickles arbitrary objects on torch < 2.6). Same control flow: DP rank 0 reads, every DP rank calls
+    `load_parameter_state_from_dp_zero` (a collective); a chained optimizer's file is a list, one per optimizer."""
+    chained = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    single = len(chained) == 1
+    states = None
+    for i, opt in enumerate(chained):
+        if (single and getattr(opt, "is_stub_optimizer", False)) or not hasattr(opt, "load_parameter_state_from_dp_zero"):
+            continue
+        if opt.data_parallel_group.rank() == 0 and states is None:
+            states = [safe_load(path)] if single else safe_load(path)
+        opt.load_parameter_state_from_dp_zero(states[i] if states else None)
