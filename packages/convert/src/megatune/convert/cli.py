@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = dict(type=str2bool, nargs="?", const=True, default=False, metavar="true|false")
     p.add_argument("--to_megatron", **b)
     p.add_argument("--to_hf", **b)
+    p.add_argument("--merge_lora", type=str2bool, nargs="?", const=True, default=True, metavar="true|false",
+                   help="LoRA run: true = merged HF weights, false = a peft adapter dir (RUN/{model_type}-lora); "
+                        "--model_id_or_path then names the base (moved base checkpoint / peft's base model)")
     p.add_argument("--model_type", help="e.g. qwen2-7b-instruct; with --model_id_or_path any name is recorded")
     p.add_argument("--model_id_or_path", help="HF model dir (or hub repo id, read from the local HF cache)")
     p.add_argument("--tp", "--tensor_model_parallel_size", dest="tp", type=int, default=1)
@@ -109,6 +112,12 @@ def _run(args: argparse.Namespace) -> str:
         raise ConvertError("--to_hf true needs --ckpt_dir DIR (a Megatron checkpoint written by megatune)")
     if not Path(args.ckpt_dir).is_dir():
         raise ConvertError(f"--ckpt_dir {args.ckpt_dir}: no such directory")
+    from megatune.convert import lora_export
+
+    if lora_export.read_lora_meta(args.ckpt_dir)[1] is not None:
+        return str(lora_export.export(args.ckpt_dir, args.hf_output_dir, merge=args.merge_lora,
+                                      base=args.model_id_or_path, max_shard_size=args.max_shard_size,
+                                      overwrite=args.overwrite))
     return str(convert.megatron_to_hf(args.ckpt_dir, args.hf_output_dir, max_shard_size=args.max_shard_size,
                                       overwrite=args.overwrite, progress=progress))
 

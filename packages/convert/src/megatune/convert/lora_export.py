@@ -207,3 +207,11 @@ def export_peft(run_dir: str | Path, out_dir: str | Path | None = None, *, base:
         write_peft(tmp, adapters, meta["lora"], shape, base_model)
         copy_aux_files(run_dir, tmp, [f for f in AUX_FILES if f not in ("config.json", "generation_config.json")])
     return out_dir
+
+
+def export(run_dir: str | Path, out_dir: str | Path | None = None, *, merge: bool = True, base: str | None = None,
+           max_shard_size: int = 5 * 10**9, overwrite: bool = False) -> Path:
+    """`megatune export --ckpt_dir RUN --to_hf true [--merge_lora false]` for a LoRA run."""
+    if merge:
+        return export_merged(run_dir, out_dir, base=base, max_shard_size=max_shard_size, overwrite=overwrite)
+    return export_peft(run_dir, out_dir, base=base, overwrite=overwrite)
