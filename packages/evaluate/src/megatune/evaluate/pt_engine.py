@@ -13,6 +13,7 @@ Design choices:
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,7 +36,10 @@ class PtEngine:
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         if dtype not in DTYPES:
             raise UserError(f"--torch_dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
-        try:
+        if (self.model_dir / "adapter_config.json").is_file() and importlib.util.find_spec("peft") is None:
+            raise UserError(f"{self.model_dir} is a LoRA adapter dir: loading it on its base model needs peft "
+                            f"(pip install peft), or export merged weights with `megatune export --to_hf true`")
+        try:  # an adapter dir loads through transformers' peft integration (base_model_name_or_path + adapter)
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
             self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=DTYPES[dtype])
         except (OSError, ValueError) as e:  # missing weights/tokenizer files, unknown architecture

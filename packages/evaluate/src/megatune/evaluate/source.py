@@ -15,6 +15,8 @@ from megatune.evaluate.engine import UserError
 def _hf_dir(d: Path, flag: str) -> Path:
     if (d / "config.json").is_file():
         return d
+    if (d / "adapter_config.json").is_file():  # a peft (LoRA) adapter dir: the engine loads its base + the adapter
+        return d
     if (d / "megatune.json").is_file() or (d / "latest_checkpointed_iteration.txt").is_file():
         exported = sorted(p for p in d.glob("*-hf") if (p / "config.json").is_file())
         if len(exported) == 1:

@@ -20,6 +20,11 @@ class VllmEngine:
         from vllm import LLM
 
         self.model_dir = Path(model_dir)
+        if (self.model_dir / "adapter_config.json").is_file():
+            from megatune.evaluate.engine import UserError
+
+            raise UserError(f"{self.model_dir} is a LoRA adapter dir; the vllm backend needs merged weights: run "
+                            f"`megatune export --ckpt_dir RUN --to_hf true` or use --infer_backend pt")
         self.llm = LLM(model=str(self.model_dir), tensor_parallel_size=tensor_parallel_size,
                        dtype=dtype or "auto", max_model_len=max_length, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization)
