@@ -16,15 +16,12 @@ Writes never damage what was there: a file goes to a temporary sibling (`.NAME.t
 renamed into place, then its directory is fsynced. A directory is published by an atomic exchange with the old one
 (Linux renameat2 RENAME_EXCHANGE) when it exists; where that is unsupported, two renames, and a kill between them
 is undone on the next run (`recover`). Leftovers are removed only when provably stale: made on this host by a
-process that is no longer running.
+process that is no longer running. Those primitives are implemented in fileio.py and re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import errno
 import json
 import os
 import pickle
@@ -32,12 +29,42 @@ import re
 import shutil
 import socket
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from megatune.convert.errors import ConvertError
+from megatune.convert.fileio import (  # the atomic-write primitives, re-exported: import them from here
+    atomic_dir,
+    clean_stale,
+    contains,
+    copy_file_atomic,
+    dead_owner,
+    exchange,
+    free_bytes,
+    fsync_dir,
+    fsync_file,
+    publish_dir,
+    recover,
+    temp_sibling,
+    torch_save_atomic,
+    write_bytes_atomic,
+    write_error,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+__all__ = [
+    "TRACKER", "META", "MEGATRON_ARGS", "RANK_FILE", "DISTRIB_OPTIM", "RELEASE", "HF_CONFIG", "AUX_FILES",
+    "RANK_DIR_GLOB", "RANK_KEY", "META_KEYS", "SAFE_GLOBALS", "iteration_dir", "rank_dir_name", "rank_file",
+    "distrib_optim_file", "rank_record", "check_rank", "iteration_temp", "copy_aux_files", "clean_stale_leftovers",
+    "begin_iteration_temp", "publish_iteration", "write_latest", "read_latest", "is_megatron_dir", "has_meta",
+    "write_meta", "read_meta", "safe_load", "load_rank_file", "load_distributed_optimizer_state",
+    "atomic_dir", "clean_stale", "contains", "copy_file_atomic", "exchange", "free_bytes", "fsync_dir",
+    "fsync_file", "publish_dir", "recover", "temp_sibling", "torch_save_atomic", "write_bytes_atomic",
+    "write_error", "write_json_atomic", "write_text_atomic",
+]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megatune.json"
@@ -109,96 +136,9 @@ def check_rank(state: dict, path: Path, want: dict[str, int]) -> None:
                            f"swapped or copied: restore the checkpoint as it was written")
 
 
-def temp_sibling(path: str | Path, kind: str = "tmp") -> Path:
-    """`.NAME.tmp-HOST-PID` (or `.old-`): where a file or directory is staged; its owner is recoverable."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
-
-
 def iteration_temp(ckpt_dir: str | Path, iteration: int | str) -> Path:
     """A training save's staging directory, the same name on every rank (rank 0 records its owner inside)."""
     return Path(ckpt_dir) / f".{iteration_dir(iteration)}.tmp"
-
-
-# ------------------------------------------------------------------------------------------------ errors
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB" if n >= 10**5 else f"{n} bytes"
-
-
-def free_bytes(path: str | Path) -> int:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def write_error(path: str | Path, e: OSError, need: int | None = None) -> ConvertError:
-    """One line for a failed write: the file, what happened, and for a full disk the space that was needed."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        needed = f"; about {_size(need)} needed" if need else ""
-        return ConvertError(f"{path}: no space left on device ({_size(free_bytes(path))} free{needed}); free some "
-                            f"space or write to another filesystem")
-    return ConvertError(f"{path}: cannot write ({e.strerror or e})")
-
-
-# ------------------------------------------------------------------------------------------------ atomic files
-def fsync_dir(directory: str | Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _replacing(path: Path, need: int | None = None) -> Iterator[Path]:
-    """Yield a temp sibling to fill; then fsync it, rename it over `path`, fsync the directory. On any error the
-    temp file goes and `path` is as it was."""
-    tmp = temp_sibling(path)
-    try:
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise write_error(path, e, need) from None
-        raise
-    fsync_dir(path.parent)
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    with _replacing(path, len(data)) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def copy_file_atomic(src: str | Path, dst: str | Path) -> None:
-    dst = Path(dst)
-    with _replacing(dst, Path(src).stat().st_size) as tmp:
-        shutil.copy2(src, tmp)
 
 
 def copy_aux_files(src: str | Path, dst: str | Path, names: Iterable[str] = AUX_FILES) -> list[str]:
@@ -211,105 +151,27 @@ def copy_aux_files(src: str | Path, dst: str | Path, names: Iterable[str] = AUX_
     return copied
 
 
-def torch_save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp sibling, fsync, rename into place."""
-    path = Path(path)
-    with _replacing(path) as tmp:
-        torch.save(obj, tmp)
-
-
-# ------------------------------------------------------------------------------------------------ directories
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths (renameat2 RENAME_EXCHANGE). False where the OS or filesystem cannot."""
-    fn = getattr(_LIBC, "renameat2", None)
-    if fn is None:
-        return False
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def publish_dir(tmp: Path, dst: Path) -> None:
-    """Put the finished directory `tmp` at `dst`, replacing what is there; `dst` is never missing on the way."""
-    fsync_dir(tmp)
-    if not dst.exists():
-        os.rename(tmp, dst)
-    elif exchange(tmp, dst):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old copy
-    else:  # fallback: two renames; a kill between them is undone by recover() on the next run
-        old = temp_sibling(dst, "old")
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(dst.parent)
-
-
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _dead_owner(host: str | None, pid: str) -> bool:
-    """Provably gone: made on this host (or by an older megatune that wrote no host) by a process not running."""
-    return (host is None or host == socket.gethostname()) and int(pid) != os.getpid() and not _alive(int(pid))
-
-
 def _stale_iteration_temp(path: Path) -> bool:
+    """A training save's staging dir whose recorded owner is provably gone."""
+    if not re.fullmatch(r"\.(iter_\d{7}|release)\.tmp", path.name):
+        return False
     try:
         host, pid = (path / OWNER).read_text().split()
     except (OSError, ValueError):
         return False
-    return _dead_owner(host, pid)
+    return dead_owner(host, pid)
 
 
-def recover(dst: str | Path) -> None:
-    """Undo a publish killed between its two renames: put the old copy back where `dst` is missing."""
-    dst = Path(dst)
-    if dst.exists() or not dst.parent.is_dir():
-        return
-    for p in dst.parent.iterdir():
-        m = _LEFTOVER.match(p.name)
-        if m and m["name"] == dst.name and m["kind"] == "old" and _dead_owner(m["host"], m["pid"]):
-            os.rename(p, dst)
-            return
-
-
-def clean_stale(directory: str | Path, name: str | None = None) -> list[Path]:
-    """Remove provably stale leftovers in `directory` (of `name` only, when given); returns what was removed."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    removed = []
-    for p in directory.iterdir():
-        m = _LEFTOVER.match(p.name)
-        stale = (m is not None and (name is None or m["name"] == name) and _dead_owner(m["host"], m["pid"])) or (
-            name is None and re.fullmatch(r"\.(iter_\d{7}|release)\.tmp", p.name) and _stale_iteration_temp(p))
-        if stale:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
+def clean_stale_leftovers(ckpt_dir: str | Path) -> list[Path]:
+    """Stale temp files and staging dirs of crashed saves in a checkpoint directory."""
+    return clean_stale(ckpt_dir, also=_stale_iteration_temp)
 
 
 def begin_iteration_temp(ckpt_dir: str | Path, iteration: int | str) -> Path:
     """Rank 0 of a training save: clean stale leftovers, then a fresh staging dir that records its owner."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale(ckpt_dir)
+    clean_stale_leftovers(ckpt_dir)
     tmp = iteration_temp(ckpt_dir, iteration)
     shutil.rmtree(tmp, ignore_errors=True)  # this run's own earlier attempt at the same iteration
     tmp.mkdir()
@@ -323,53 +185,6 @@ def publish_iteration(ckpt_dir: str | Path, iteration: int | str) -> Path:
     (tmp / OWNER).unlink(missing_ok=True)
     publish_dir(tmp, final)
     return final
-
-
-def contains(outer: Path, inner: Path) -> bool:
-    """True when `inner` is `outer` or lies inside it (symlinks resolved)."""
-    outer, inner = Path(outer).resolve(), Path(inner).resolve()
-    return outer == inner or outer in inner.parents
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | Path, overwrite: bool, *, inputs: Iterable[str | Path] = (), need: int | None = None,
-               flag: str = "output") -> Iterator[Path]:
-    """Yield a fresh temp sibling of out_dir to fill; publish it at out_dir on success, remove it on any error
-    (a full disk becomes one line naming the file and the space needed). `inputs` may not be out_dir or lie inside
-    it (--overwrite would delete them); `need`: bytes to be written, checked against the free space first."""
-    out_dir = Path(out_dir)
-    for src in inputs:
-        if contains(out_dir, Path(src)):
-            raise ConvertError(f"{flag} {out_dir}: is or contains the input {src}; writing there would delete the "
-                               f"input: choose another output directory")
-    parent = out_dir.parent
-    for p in [parent, *parent.parents]:
-        if p.exists() and not p.is_dir():
-            raise ConvertError(f"{flag} {out_dir}: {p} is a file, not a directory; choose another output path")
-    recover(out_dir)
-    clean_stale(parent, out_dir.name)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConvertError(f"{flag} {out_dir}: exists and is a file, not a directory; remove it or choose another "
-                           f"output path")
-    if out_dir.exists() and not overwrite:
-        raise ConvertError(f"{out_dir}: output directory exists; pass --overwrite true or choose another directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(parent, e) from None
-    if need is not None and free_bytes(parent) < need:
-        raise ConvertError(f"{out_dir}: not enough free space ({_size(free_bytes(parent))} free, about {_size(need)} "
-                           f"needed); free some space or write to another filesystem")
-    tmp = temp_sibling(out_dir)
-    tmp.mkdir()
-    try:
-        yield tmp
-        publish_dir(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(e.filename or out_dir, e, need) from None
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ tracker, meta

@@ -6,13 +6,30 @@ fresh page is expensive (measured: 0.5 GB/s for plain 256 MB writes vs 1.7 GB/s 
 `SequentialWriter` starts writeback of each chunk as soon as it is written and drops chunks once they are clean,
 so the same few hundred MB of cache pages are recycled and the disk works while we compute.
 `read_into` fills a caller's (reused) buffer with positional reads: no mmap page faults, no fresh allocation.
+
+Atomic replacement (what ckpt_layout builds on): a file is written to a temporary sibling `.NAME.tmp-HOST-PID`,
+fsynced and renamed over its target, then the directory is fsynced; a directory is published by an atomic exchange
+with the old one (renameat2 RENAME_EXCHANGE) or, where that is unsupported, by two renames that `recover` undoes
+after a kill. Leftovers are removed only when provably stale: made on this host by a process no longer running.
+A failed write raises one ConvertError line naming the file (and, for a full disk, the space needed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import json
 import os
+import re
+import shutil
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+from megatune.convert.errors import ConvertError
 
 # Kick writeback every CHUNK bytes; drop pages more than LAG bytes behind the write position (by then clean).
 CHUNK = 64 << 20
@@ -108,3 +125,227 @@ def preadv_full(fd: int, iov: list[memoryview], offset: int) -> int:
 def drop_cache(fd: int, offset: int, length: int) -> None:
     """Drop clean cached pages of a range already consumed (see the module docstring for why)."""
     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+# ------------------------------------------------------------------------------------------------ atomic replacement
+def temp_sibling(path: str | Path, kind: str = "tmp") -> Path:
+    """`.NAME.tmp-HOST-PID` (or `.old-`): where a file or directory is staged; its owner is recoverable."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB" if n >= 10**5 else f"{n} bytes"
+
+
+def free_bytes(path: str | Path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def write_error(path: str | Path, e: OSError, need: int | None = None) -> ConvertError:
+    """One line for a failed write: the file, what happened, and for a full disk the space that was needed."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        needed = f"; about {_size(need)} needed" if need else ""
+        return ConvertError(f"{path}: no space left on device ({_size(free_bytes(path))} free{needed}); free some "
+                            f"space or write to another filesystem")
+    return ConvertError(f"{path}: cannot write ({e.strerror or e})")
+
+
+# ------------------------------------------------------------------------------------------------ atomic files
+def fsync_dir(directory: str | Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, need: int | None = None) -> Iterator[Path]:
+    """Yield a temp sibling to fill; then fsync it, rename it over `path`, fsync the directory. On any error the
+    temp file goes and `path` is as it was."""
+    tmp = temp_sibling(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e, need) from None
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    with _replacing(path, len(data)) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_file_atomic(src: str | Path, dst: str | Path) -> None:
+    dst = Path(dst)
+    with _replacing(dst, Path(src).stat().st_size) as tmp:
+        shutil.copy2(src, tmp)
+
+
+
+def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp sibling, fsync, rename into place."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# ------------------------------------------------------------------------------------------------ directories
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (renameat2 RENAME_EXCHANGE). False where the OS or filesystem cannot."""
+    fn = getattr(_LIBC, "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish_dir(tmp: Path, dst: Path) -> None:
+    """Put the finished directory `tmp` at `dst`, replacing what is there; `dst` is never missing on the way."""
+    fsync_dir(tmp)
+    if not dst.exists():
+        os.rename(tmp, dst)
+    elif exchange(tmp, dst):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old copy
+    else:  # fallback: two renames; a kill between them is undone by recover() on the next run
+        old = temp_sibling(dst, "old")
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(dst.parent)
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_owner(host: str | None, pid: str) -> bool:
+    """Provably gone: made on this host (or by an older megatune that wrote no host) by a process not running."""
+    return (host is None or host == socket.gethostname()) and int(pid) != os.getpid() and not _alive(int(pid))
+
+
+
+def recover(dst: str | Path) -> None:
+    """Undo a publish killed between its two renames: put the old copy back where `dst` is missing."""
+    dst = Path(dst)
+    if dst.exists() or not dst.parent.is_dir():
+        return
+    for p in dst.parent.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if m and m["name"] == dst.name and m["kind"] == "old" and dead_owner(m["host"], m["pid"]):
+            os.rename(p, dst)
+            return
+
+
+def clean_stale(directory: str | Path, name: str | None = None,
+                also: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Remove provably stale leftovers (`.NAME.tmp-HOST-PID`, `.NAME.old-HOST-PID`) in `directory`, of `name` only
+    when given, plus what `also` calls stale; returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if (m is not None and (name is None or m["name"] == name) and dead_owner(m["host"], m["pid"])) or (
+                also is not None and also(p)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def contains(outer: Path, inner: Path) -> bool:
+    """True when `inner` is `outer` or lies inside it (symlinks resolved)."""
+    outer, inner = Path(outer).resolve(), Path(inner).resolve()
+    return outer == inner or outer in inner.parents
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool, *, inputs: Iterable[str | Path] = (), need: int | None = None,
+               flag: str = "output") -> Iterator[Path]:
+    """Yield a fresh temp sibling of out_dir to fill; publish it at out_dir on success, remove it on any error
+    (a full disk becomes one line naming the file and the space needed). `inputs` may not be out_dir or lie inside
+    it (--overwrite would delete them); `need`: bytes to be written, checked against the free space first."""
+    out_dir = Path(out_dir)
+    for src in inputs:
+        if contains(out_dir, Path(src)):
+            raise ConvertError(f"{flag} {out_dir}: is or contains the input {src}; writing there would delete the "
+                               f"input: choose another output directory")
+    parent = out_dir.parent
+    for p in [parent, *parent.parents]:
+        if p.exists() and not p.is_dir():
+            raise ConvertError(f"{flag} {out_dir}: {p} is a file, not a directory; choose another output path")
+    recover(out_dir)
+    clean_stale(parent, out_dir.name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConvertError(f"{flag} {out_dir}: exists and is a file, not a directory; remove it or choose another "
+                           f"output path")
+    if out_dir.exists() and not overwrite:
+        raise ConvertError(f"{out_dir}: output directory exists; pass --overwrite true or choose another directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(parent, e) from None
+    if need is not None and free_bytes(parent) < need:
+        raise ConvertError(f"{out_dir}: not enough free space ({_size(free_bytes(parent))} free, about {_size(need)} "
+                           f"needed); free some space or write to another filesystem")
+    tmp = temp_sibling(out_dir)
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(e.filename or out_dir, e, need) from None
+        raise
