@@ -12,18 +12,30 @@ The base weights stay where they are; the fingerprint says whether they are stil
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 import torch
 from megatune.convert import lora
 from megatune.convert.arch import Shape, shape_of
-from megatune.convert.convert import atomic_dir
+from megatune.convert.ckpt_layout import (
+    AUX_FILES,
+    HF_CONFIG,
+    META,
+    atomic_dir,
+    copy_aux_files,
+    is_megatron_dir,
+    load_rank_file,
+    rank_file,
+    rank_record,
+    read_latest,
+    read_meta,
+    write_json_atomic,
+)
 from megatune.convert.errors import ConvertError
-from megatune.convert.hf_io import AUX_FILES, HFReader, HFWriter, copy_aux_files
+from megatune.convert.hf_io import HFReader, HFWriter
 from megatune.convert.layout import stage_offsets
-from megatune.convert.megatron_io import LATEST, META, dtype_name, load_rank_file, rank_file, read_latest, read_meta
+from megatune.convert.megatron_io import dtype_name
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _SAMPLE = 1 << 20  # bytes hashed at each end of every weight file
@@ -32,7 +44,7 @@ _ADAPTER_NAME = re.compile(r"decoder\.layers\.(\d+)\.(.+)\.lora\.(A|B)")
 
 # ------------------------------------------------------------------------------------------------ base fingerprint
 def _weight_files(base: Path) -> list[Path]:
-    if (base / LATEST).is_file():  # Megatron: the rank files of the iteration the tracker names
+    if is_megatron_dir(base):  # Megatron: the rank files of the iteration the tracker names
         return sorted(rank_file(base, read_latest(base), 0, 0, 1).parent.parent.glob("mp_rank_*/*.pt"))
     return sorted(base.glob("*.safetensors"))
 
@@ -48,7 +60,7 @@ def base_fingerprint(base: str | Path) -> str:
     if not files:
         raise ConvertError(f"{base}: no weight files (*.safetensors or Megatron rank files) to fingerprint")
     h = hashlib.sha256()
-    for meta in (META, "config.json"):
+    for meta in (META, HF_CONFIG):
         if (base / meta).is_file():
             h.update(meta.encode() + (base / meta).read_bytes())
     for f in files:
@@ -95,7 +107,8 @@ def read_adapters(run_dir: str | Path, iteration: int | str | None = None
     for p in range(pp):
         for t in range(tp):
             path = rank_file(run_dir, iteration, t, p, pp)
-            for name, tensor in load_rank_file(path, mmap=False)["model"].items():
+            state = load_rank_file(path, mmap=False, rank=rank_record(tp, t, pp, p))
+            for name, tensor in state["model"].items():
                 match = _ADAPTER_NAME.fullmatch(name)
                 if match is None or match[2] not in lora.BY_NAME:
                     raise ConvertError(f"{path}: {name!r} is not a LoRA adapter tensor; a LoRA run's rank files "
@@ -147,7 +160,7 @@ def export_merged(run_dir: str | Path, out_dir: str | Path | None = None, *, bas
     if missing:
         raise ConvertError(f"LoRA base {base_dir}: no tensor {missing[0]} to merge into; wrong base checkpoint")
     specs = [(n, tuple(reader.shape(n)), dtypes[n]) for n in names]
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, inputs=[run_dir, base_dir], flag="--hf_output_dir") as tmp:
         writer = HFWriter(tmp, specs, max_shard_size)
         for n, _, _ in specs:
             t = reader.read(n)
@@ -159,8 +172,8 @@ def export_merged(run_dir: str | Path, out_dir: str | Path | None = None, *, bas
         reader.release()
         cfg = dict(meta["hf_config"])
         cfg["torch_dtype"] = dtype_name(specs[0][2])  # the weights keep the base's dtype
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-        copy_aux_files(run_dir, tmp, [f for f in AUX_FILES if f != "config.json"])
+        write_json_atomic(tmp / HF_CONFIG, cfg)
+        copy_aux_files(run_dir, tmp, [f for f in AUX_FILES if f != HF_CONFIG])
     return out_dir
 
 
@@ -189,10 +202,10 @@ def write_peft(out_dir: Path, adapters: dict, record: dict, shape: Shape, base_m
     from safetensors.torch import save_file
 
     state = lora.peft_state_dict(adapters, _targets(record), shape)
-    save_file(state, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(state, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # in atomic_dir's temp dir
     cfg = lora.peft_config(rank=int(record["rank"]), alpha=float(record["alpha"]), dropout=float(record["dropout"]),
                            rslora=bool(record["rslora"]), targets=_targets(record), base_model=base_model)
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    write_json_atomic(out_dir / ADAPTER_CONFIG, cfg)
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path | None = None, *, base: str | None = None,
@@ -203,9 +216,10 @@ def export_peft(run_dir: str | Path, out_dir: str | Path | None = None, *, base:
     meta, shape, adapters = read_adapters(run_dir)
     base_model = peft_base_model(meta, base)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / f"{meta['model_type']}-lora"
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, inputs=[run_dir], flag="--hf_output_dir") as tmp:
         write_peft(tmp, adapters, meta["lora"], shape, base_model)
-        copy_aux_files(run_dir, tmp, [f for f in AUX_FILES if f not in ("config.json", "generation_config.json")])
+        # no config.json: transformers would take the directory for a full model instead of an adapter
+        copy_aux_files(run_dir, tmp, [f for f in AUX_FILES if f not in (HF_CONFIG, "generation_config.json")])
     return out_dir
 
 
