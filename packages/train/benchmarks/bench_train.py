@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -38,8 +37,10 @@ SMOKE_CFG = dict(qwen2_config("qwen2-0.5b"), hidden_size=64, intermediate_size=1
 
 
 def margs_for(*, bf16: bool, distributed: bool, gbs: int):
-    """The Megatron-LM argument names runtime/optim read (as argmap.to_megatron would produce them)."""
-    return types.SimpleNamespace(
+    """The Megatron-LM arguments optim reads (as argmap.to_megatron would produce them)."""
+    from megatune.argmap import MegatronArguments
+
+    return MegatronArguments(
         bf16=bf16, fp16=False, use_distributed_optimizer=distributed, optimizer="adam", lr=1e-5, min_lr=0.0,
         weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, global_batch_size=gbs,
         train_iters=10_000, lr_decay_style="constant", lr_warmup_iters=0, loss_scale=None)
@@ -79,11 +80,14 @@ def stock_optimizer(optimizer) -> None:
 def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warmup: int, profile: bool,
                    overlap: bool | None = None, stock: bool = False, accum: int = 1) -> dict:
     """megatune's real training step: `accum` micro-batches of `mbs` sequences per DP rank and optimizer step.
-    overlap: runtime.wrap_model's overlap_grad_reduce (None = its default); stock: stock_optimizer()."""
+    overlap: the device policy's overlap_grad_reduce (None = its default); stock: stock_optimizer()."""
+    import dataclasses
+
     from megatron.core import parallel_state as ps
     from megatune.train import optim, runtime, steps
     from megatune.train.distributed import init_distributed
     from megatune.train.model import build_model
+    from megatune.train.policy import Machine, Request, resolve_policy
 
     gpu = torch.cuda.is_available()
     dist = init_distributed(tp, 1, seed=0)
@@ -91,8 +95,12 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
                          sequence_parallel=tp > 1, seq_length=seq)
     gbs = mbs * dist.dp * accum
     margs = margs_for(bf16=gpu, distributed=gpu, gbs=gbs)
-    model = runtime.wrap_model(chunks, margs, cpu=not gpu, overlap_grad_reduce=overlap)
-    optimizer = optim.build_optimizer(model, margs, cpu=not gpu)
+    policy = resolve_policy(Request(precision="bf16" if gpu else "fp32", distributed_optimizer=gpu), Machine.detect(),
+                            dist.dp)
+    if overlap is not None:
+        policy = dataclasses.replace(policy, overlap_grad_reduce=overlap)
+    model = runtime.wrap_model(chunks, policy)
+    optimizer = optim.build_optimizer(model, margs, policy)
     scheduler = optim.build_scheduler(optimizer, margs)
     forward_step = steps.make_forward_step(lambda batch: {"attention_mask": None})
     if stock:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import types
 from pathlib import Path
 
 import pytest
@@ -161,13 +160,16 @@ def test_logits_match_hf_tp2_pp2(dirs):
 
 
 def train_worker(rank, world_size, d, tp, datasets: dict) -> dict:
+    from megatune.argmap import MegatronArguments
     from megatune.train import optim, runtime, steps
     from megatune.train.checkpoint import load_pretrained
     from megatune.train.distributed import init_distributed
     from megatune.train.model import build_model
+    from megatune.train.policy import Machine, Request, resolve_policy
 
     dist = init_distributed(tp, 1)
-    margs = types.SimpleNamespace(bf16=True, fp16=False, use_distributed_optimizer=True, optimizer="adam", lr=LR,
+    policy = resolve_policy(Request(precision="bf16"), Machine.detect(), dist.dp)
+    margs = MegatronArguments(bf16=True, fp16=False, use_distributed_optimizer=True, optimizer="adam", lr=LR,
                                   min_lr=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
                                   clip_grad=1.0, global_batch_size=GBS, train_iters=STEPS, lr_decay_style="constant",
                                   lr_warmup_iters=0, loss_scale=None)
@@ -175,8 +177,8 @@ def train_worker(rank, world_size, d, tp, datasets: dict) -> dict:
     for name, seqs in datasets.items():
         chunks = build_model(d, tp=tp, pp=1, params_dtype=torch.bfloat16, spec="native", sequence_parallel=tp > 1)
         load_pretrained(chunks, d)
-        model = runtime.wrap_model(chunks, margs, cpu=False)
-        optimizer = optim.build_optimizer(model, margs, cpu=False)
+        model = runtime.wrap_model(chunks, policy)
+        optimizer = optim.build_optimizer(model, margs, policy)
         scheduler = optim.build_scheduler(optimizer, margs)
         forward_step = steps.make_forward_step(lambda batch: {"attention_mask": None})
         losses = []

@@ -5,6 +5,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping
 
+# Exit codes of every megatune command (README "Exit codes"): 128 + the signal for a stopped command, as a shell does.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
 
 class ArgumentError(ValueError):
     """A bad command-line / config-file argument. `str(err)` is a single line meant for the user."""

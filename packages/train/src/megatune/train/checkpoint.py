@@ -1,5 +1,9 @@
 """Load pretrained weights into GPTModel chunks; save and resume Megatron-LM legacy training checkpoints.
 
+`LegacyFormat` is the legacy implementation of states.CheckpointFormat: it saves and loads one `states` mapping
+(model, optimizer, scheduler, data position, RNG; see states.py). `save_checkpoint` / `load_checkpoint` spell the
+states out for callers that hold the pieces separately.
+
 Layout: megatune.convert.ckpt_layout (file names, rank naming, atomic writes; DESIGN.md "Checkpoint formats"),
 readable by Megatron-LM `--load` and by `megatune export --to_hf`. Each rank file holds model, checkpoint_version
 3.0, iteration, args, optimizer, opt_param_scheduler, rng_state, extra and its own rank record; the directory also
@@ -16,15 +20,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatune.convert import ckpt_layout
-from megatune.train import cpu_mode
 from megatune.train.errors import TrainError
+from megatune.train.states import (
+    CheckpointFormat,
+    Loaded,
+    ModelState,
+    RNGState,
+    Stateful,
+    Value,
+    load_model_state,
+    single,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 3.0
@@ -50,50 +63,16 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _single(model_chunks) -> torch.nn.Module:
-    if len(model_chunks) != 1:
-        raise TrainError(f"{len(model_chunks)} model chunks: virtual pipeline stages are not supported; build "
-                         f"the model with build_model (one chunk per rank)")
-    return model_chunks[0]
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):  # megatron-core DDP / Float16Module wrap the GPTModel as .module
-        model = model.module
-    return model
-
-
-def _model_state(model) -> dict[str, torch.Tensor]:
-    """GPTModel state dict without `_extra_state` entries (TE's fp8 metadata; empty for our spec)."""
-    return {k: v for k, v in _unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
-
-
 def _naming(model) -> str:
-    return "te" if getattr(_unwrap(model), "megatune_spec", "native") == "te" else "local"
+    return "te" if getattr(unwrap(model), "megatune_spec", "native") == "te" else "local"
 
 
 def layers_per_stage(model) -> list[int]:
     """Layer count of every PP stage for this model's config (gathered from the config, not communicated)."""
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
-    cfg = _unwrap(model).config
+    cfg = unwrap(model).config
     return [get_num_layers_to_build(cfg, pp_rank=r) for r in range(cfg.pipeline_model_parallel_size)]
-
-
-def _load_into(model, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load (names and shapes), ignoring `_extra_state`; one clear line on the first problem."""
-    expected = _model_state(model)
-    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise TrainError(f"{source}: state-dict names do not match the model (missing {missing[:3]}"
-                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                         f"{'...' if len(unexpected) > 3 else ''}); check tp/pp/layer-spec naming of the checkpoint")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise TrainError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the model expects "
-                             f"{tuple(expected[k].shape)}; the checkpoint was made for another tp or config")
-    _unwrap(model).load_state_dict(state, strict=False)
 
 
 def _source_kind(source_dir: Path) -> str:
@@ -112,11 +91,11 @@ def load_pretrained(model_chunks, source_dir, *, iteration: int | str | None = N
     from megatune.convert import api
     from megatune.convert.errors import ConvertError
 
-    model = _single(model_chunks)
+    model = single(model_chunks)
     source_dir = Path(source_dir)
     kind = _source_kind(source_dir)
     tp, pp, tp_rank, pp_rank = _coords()
-    dtype = next(_unwrap(model).parameters()).dtype
+    dtype = next(unwrap(model).parameters()).dtype
     try:
         if kind == "hf":
             state = api.hf_to_megatron_rank(source_dir, tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank,
@@ -134,35 +113,8 @@ def load_pretrained(model_chunks, source_dir, *, iteration: int | str | None = N
                                            iteration=iteration)
     except ConvertError as e:
         raise TrainError(str(e)) from None
-    _load_into(model, state, str(source_dir))
+    load_model_state(model, state, str(source_dir))
     return {"kind": kind, "iteration": iteration}
-
-
-# ------------------------------------------------------------------------------------------------ RNG state
-def _rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    np_state = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))  # np.random.set_state accepts this
-    state = {"random_rng_state": random.getstate(), "np_rng_state": np_state,
-             "torch_rng_state": torch.get_rng_state(),
-             "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
-             "megatune_device": "cpu" if cpu_mode.is_cpu_mode() else "cuda"}
-    if not cpu_mode.is_cpu_mode():
-        state["cuda_rng_state"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random_rng_state"])
-    np.random.set_state(state["np_rng_state"])
-    torch.set_rng_state(state["torch_rng_state"])
-    here = "cpu" if cpu_mode.is_cpu_mode() else "cuda"
-    saved = state.get("megatune_device", "cuda" if "cuda_rng_state" in state else "cpu")
-    if saved != here:  # CPU and CUDA generator states have different formats
-        log.warning("checkpoint RNG state was saved on %s, running on %s: device RNG streams not restored", saved, here)
-        return
-    if "cuda_rng_state" in state:
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -171,7 +123,7 @@ def run_meta(meta: dict, model_chunks) -> dict:
     taken from the live model, so `megatune export --to_hf` reads the shards exactly as they were written."""
     from megatune.convert.layout import padded_vocab_size
 
-    model = _unwrap(_single(model_chunks))
+    model = unwrap(single(model_chunks))
     tp, pp, _, _ = _coords()
     hf = dict(meta["hf_config"])
     divisible = meta.get("make_vocab_size_divisible_by", 128)
@@ -211,101 +163,173 @@ def is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _load_optimizer(optimizer, state: dict, directory: Path, iteration, coords) -> tuple[str, ...]:
+    """optimizer.load_state_dict (+ the distributed optimizer's sharded master weights and moments, a collective
+    over DP). Without `distrib_optim.pt` the distributed optimizer's state dict is not loaded at all (its
+    load_state_dict allocates master weights for load_parameter_state to fill): master weights are re-derived from
+    the loaded model instead, so weights, schedule and data position resume exactly and Adam moments restart."""
+    from megatune.train.fused import torch_optimizers, use_fused_adamw
+
+    tp, pp, tp_rank, pp_rank = coords
+    shard = ckpt_layout.distrib_optim_file(directory, iteration, tp_rank, pp_rank, pp)
+    if is_distributed_optimizer(optimizer) and not shard.is_file():
+        optimizer.reload_model_params()
+        return (f"megatune sft: {directory} holds no distributed-optimizer state ({ckpt_layout.DISTRIB_OPTIM}); "
+                f"weights, schedule and data position resume exactly, Adam moments restart from zero",)
+    fused_kernel = any(g.get("fused") for opt in torch_optimizers(optimizer) for g in opt.param_groups)
+    optimizer.load_state_dict(state["optimizer"])
+    if is_distributed_optimizer(optimizer):
+        with _adam_steps_hidden(optimizer):  # megatron-core's load_parameter_state, but allow-listed loading
+            ckpt_layout.load_distributed_optimizer_state(optimizer, shard)
+    if fused_kernel:  # load_state_dict restored the saved groups' kernel flags: keep this optimizer's choice
+        use_fused_adamw(optimizer, devices=("cuda", "cpu"))
+    return ()
+
+
+class LegacyFormat(CheckpointFormat):
+    """Megatron-LM's legacy checkpoint (ckpt_layout; DESIGN.md "Checkpoint formats") over a `states` mapping.
+
+    Where each state goes in a rank file: FILE_KEYS (Megatron-LM's names); any other state (the data position, a
+    caller's values) goes into the file's `extra` dict, under EXTRA_KEYS' name when it has one. The distributed
+    optimizer's sharded state also goes to `distrib_optim.pt` next to the rank file, as Megatron-LM writes it.
+    `meta`: the source's megatune.json (or {"hf_config": ..., "model_type": ...}), completed from the live model
+    (run_meta) on save; `aux_dir`: where the tokenizer/config files are copied from."""
+
+    FILE_KEYS = {"model": "model", "optimizer": "optimizer", "scheduler": "opt_param_scheduler", "rng": "rng_state"}
+    EXTRA_KEYS = {"data": "data_state"}
+
+    def __init__(self, directory, *, meta: dict | None = None, aux_dir=None) -> None:
+        self.directory, self.meta, self.aux_dir = Path(directory), meta, aux_dir
+
+    def latest(self) -> int | None:
+        from megatune.convert.errors import ConvertError
+
+        if not ckpt_layout.is_megatron_dir(self.directory):
+            return None
+        try:
+            it = ckpt_layout.read_latest(self.directory)
+        except ConvertError as e:
+            raise TrainError(str(e)) from None
+        return None if it == ckpt_layout.RELEASE else int(it)
+
+    def _rank_file(self, iteration) -> Path:
+        tp, pp, tp_rank, pp_rank = _coords()
+        return ckpt_layout.rank_file(self.directory, iteration, tp_rank, pp_rank, pp)
+
+    def save(self, states: Mapping[str, Stateful], iteration: int) -> Path:
+        """Every rank calls; DP rank 0 of each (tp, pp) writes its rank file into the staging dir, rank 0 swaps it in,
+        then writes megatune.json, the aux files and the tracker (last)."""
+        from megatune.convert import api
+
+        tp, pp, tp_rank, pp_rank = _coords()
+        model = states["model"]
+        full_meta = run_meta(self.meta or {}, model.chunks)
+        tmp = ckpt_layout.iteration_temp(self.directory, iteration)
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if rank0:
+            ckpt_layout.begin_iteration_temp(self.directory, iteration)  # also clears stale leftovers
+        _barrier()
+        rank_path = self._rank_file(iteration)
+        staged = tmp / rank_path.parent.name / rank_path.name
+        if parallel_state.get_data_parallel_rank() == 0:
+            extra = {self.EXTRA_KEYS.get(k, k): v.state_dict() for k, v in states.items() if k not in self.FILE_KEYS}
+            state = {"model": model.state_dict(), "checkpoint_version": CHECKPOINT_VERSION,
+                     "iteration": int(iteration), "args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
+                     "extra": extra, ckpt_layout.RANK_KEY: ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank)}
+            for key in ("optimizer", "scheduler"):
+                if key in states:
+                    state[self.FILE_KEYS[key]] = states[key].state_dict()
+            if "rng" in states:
+                state["rng_state"] = [states["rng"].state_dict()]
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            ckpt_layout.torch_save_atomic(state, staged)
+        _barrier()
+        if "optimizer" in states and is_distributed_optimizer(states["optimizer"]):
+            # fp32 master weights and Adam moments are sharded over DP outside state_dict(); like Megatron-LM, gather
+            # them to DP rank 0 (a collective: every DP rank calls) into distrib_optim.pt
+            shard = staged.with_name(ckpt_layout.DISTRIB_OPTIM)
+            states["optimizer"].save_parameter_state(str(shard))
+            if shard.is_file():  # written by DP rank 0 only
+                ckpt_layout.fsync_file(shard)
+            _barrier()
+        if rank0:
+            ckpt_layout.publish_iteration(self.directory, iteration)  # atomic exchange when re-saving an iteration
+            api.write_meta(self.directory, full_meta)  # every file: temp sibling + fsync + rename
+            if self.aux_dir is not None:
+                ckpt_layout.copy_aux_files(self.aux_dir, self.directory)
+            api.write_latest(self.directory, int(iteration))  # last
+        _barrier()
+        return self.directory / ckpt_layout.iteration_dir(iteration)
+
+    def load(self, states: Mapping[str, Stateful], iteration: int | None = None) -> Loaded:
+        from megatune.convert import api
+        from megatune.convert.errors import ConvertError
+
+        try:
+            meta = api.read_meta(self.directory)
+            iteration = api.read_latest(self.directory) if iteration is None else iteration
+        except ConvertError as e:
+            raise TrainError(str(e)) from None
+        coords = _coords()
+        if (meta["tp"], meta["pp"]) != coords[:2]:
+            if set(states) != {"model"}:
+                raise TrainError(f"{self.directory}: saved with tp={meta['tp']} pp={meta['pp']}, running "
+                                 f"tp={coords[0]} pp={coords[1]}; optimizer and data state cannot be resharded: resume "
+                                 f"with the same tp/pp, or load the weights only")
+            load_pretrained(states["model"].chunks, self.directory, iteration=iteration)
+            return Loaded(iteration, meta, {})
+        path = self._rank_file(iteration)
+        state = _torch_load(path, ckpt_layout.rank_record(coords[0], coords[2], coords[1], coords[3]))
+        states["model"].load_state_dict(state["model"], source=str(path))
+        notes: tuple[str, ...] = ()
+        if "optimizer" in states:
+            if "optimizer" not in state:
+                raise TrainError(f"{self.directory}: iteration {iteration} has no optimizer state (saved with "
+                                 f"--save_only_model or converted from HF); load the weights only")
+            notes = _load_optimizer(states["optimizer"], state, self.directory, iteration, coords)
+        if "scheduler" in states and "opt_param_scheduler" in state:
+            states["scheduler"].load_state_dict(state["opt_param_scheduler"])
+        if "rng" in states and "rng_state" in state:
+            states["rng"].load_state_dict(state["rng_state"][0])
+        extra = state.get("extra", {})
+        for key, obj in states.items():
+            if key in self.FILE_KEYS:
+                continue
+            name = self.EXTRA_KEYS.get(key, key)
+            if name not in extra:
+                raise TrainError(f"{path}: no {name!r} in the checkpoint's extra state; it was not written by "
+                                 f"megatune sft: start from it as weights (megatune export --to_hf, --model_id_or_path)")
+            try:
+                obj.load_state_dict(extra[name])
+            except ValueError as e:
+                raise TrainError(f"{self.directory}: {e}") from None
+        return Loaded(state.get("iteration", iteration), meta, extra, notes)
+
+
 def save_checkpoint(ckpt_dir, iteration: int, model_chunks, *, optimizer=None, scheduler=None, extra: dict | None = None,
                     meta: dict, save_optim: bool = True, save_rng: bool = True, tokenizer_dir=None) -> Path:
-    """Write iteration `iteration` (all ranks call this). Returns DIR/iter_%07d.
-
-    `meta`: the source's megatune.json, or {"hf_config": <config.json dict>, "model_type": ...} when training
-    started from an HF directory; tp/pp/layers/vocab/naming/dtype are filled from the live model (run_meta).
-    `extra`: plain python values only (resume data position etc.). `tokenizer_dir`: where tokenizer/config files
-    are copied from (the HF source directory), so `megatune export --to_hf` needs nothing else."""
-    from megatune.convert import api
-
-    model = _single(model_chunks)
-    ckpt_dir = Path(ckpt_dir)
-    tp, pp, tp_rank, pp_rank = _coords()
-    tmp = ckpt_layout.iteration_temp(ckpt_dir, iteration)
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    full_meta = run_meta(meta, model_chunks)
-    if rank0:
-        ckpt_layout.begin_iteration_temp(ckpt_dir, iteration)  # also clears stale leftovers of crashed saves
-    _barrier()
-    if parallel_state.get_data_parallel_rank() == 0:
-        state = {"model": _model_state(model), "checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
-                 "args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
-                 "extra": dict(extra or {}), ckpt_layout.RANK_KEY: ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank)}
-        if optimizer is not None and save_optim:
-            state["optimizer"] = optimizer.state_dict()
-        if scheduler is not None and save_optim:
-            state["opt_param_scheduler"] = scheduler.state_dict()
-        if save_rng:
-            state["rng_state"] = [_rng_state()]
-        rank_path = api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)  # DIR/iter_X/mp_rank_../file
-        path = tmp / rank_path.parent.name / rank_path.name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ckpt_layout.torch_save_atomic(state, path)
-    _barrier()
-    if optimizer is not None and save_optim and is_distributed_optimizer(optimizer):
-        # Its fp32 master weights and Adam moments are sharded over DP and live outside state_dict(); like
-        # Megatron-LM, gather them to DP rank 0 (a collective: every DP rank calls) into distrib_optim.pt.
-        rank_path = api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)
-        shard = tmp / rank_path.parent.name / ckpt_layout.DISTRIB_OPTIM
-        optimizer.save_parameter_state(str(shard))
-        if shard.is_file():  # written by DP rank 0 only
-            ckpt_layout.fsync_file(shard)
-        _barrier()
-    final = ckpt_dir / ckpt_layout.iteration_dir(iteration)
-    if rank0:
-        ckpt_layout.publish_iteration(ckpt_dir, iteration)  # atomic exchange when re-saving an iteration
-        api.write_meta(ckpt_dir, full_meta)  # every file: temp sibling + fsync + rename
-        if tokenizer_dir is not None:
-            ckpt_layout.copy_aux_files(tokenizer_dir, ckpt_dir)
-        api.write_latest(ckpt_dir, int(iteration))
-    _barrier()
-    return final
+    """LegacyFormat.save with the states spelled out (all ranks call this). Returns DIR/iter_%07d. `extra`: plain
+    python values stored in the rank files' `extra` dict."""
+    states: dict[str, Stateful] = {"model": ModelState(model_chunks)}
+    if optimizer is not None and save_optim:
+        states["optimizer"] = optimizer
+    if scheduler is not None and save_optim:
+        states["scheduler"] = scheduler
+    if save_rng:
+        states["rng"] = RNGState()
+    states.update({k: Value(v) for k, v in (extra or {}).items()})
+    return LegacyFormat(ckpt_dir, meta=meta, aux_dir=tokenizer_dir).save(states, iteration)
 
 
 def load_checkpoint(ckpt_dir, model_chunks, optimizer=None, scheduler=None, *, iteration: int | None = None,
                     load_optim: bool = True, load_rng: bool = True) -> dict:
     """Resume: model (+ optimizer, scheduler, RNG when saved). Returns {"iteration", "extra", "meta"}."""
-    from megatune.convert import api
-    from megatune.convert.errors import ConvertError
-
-    model = _single(model_chunks)
-    ckpt_dir = Path(ckpt_dir)
-    try:
-        meta = api.read_meta(ckpt_dir)
-        iteration = api.read_latest(ckpt_dir) if iteration is None else iteration
-    except ConvertError as e:
-        raise TrainError(str(e)) from None
-    tp, pp, tp_rank, pp_rank = _coords()
-    if (meta["tp"], meta["pp"]) != (tp, pp):
-        if load_optim and optimizer is not None:
-            raise TrainError(f"{ckpt_dir}: saved with tp={meta['tp']} pp={meta['pp']}, running tp={tp} pp={pp}; "
-                             f"optimizer state cannot be resharded: resume with the same tp/pp, or load weights only "
-                             f"(load_optim=False / --no_load_optim)")
-        load_pretrained(model_chunks, ckpt_dir, iteration=iteration)
-        return {"iteration": iteration, "extra": {}, "meta": meta}
-    state = _torch_load(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp),
-                        ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank))
-    _load_into(model, state["model"], str(api.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)))
-    if load_optim and optimizer is not None:
-        if "optimizer" not in state:
-            raise TrainError(f"{ckpt_dir}: iteration {iteration} has no optimizer state (saved with save_optim=False "
-                             f"or converted from HF); load with load_optim=False")
-        from megatune.train.fused import torch_optimizers, use_fused_adamw
-
-        fused_kernel = any(g.get("fused") for opt in torch_optimizers(optimizer) for g in opt.param_groups)
-        optimizer.load_state_dict(state["optimizer"])
-        if is_distributed_optimizer(optimizer):
-            # load_state_dict only allocated the sharded master weights / moments; fill them (collective over DP)
-            with _adam_steps_hidden(optimizer):  # megatron-core's load_parameter_state, but allow-listed loading
-                ckpt_layout.load_distributed_optimizer_state(
-                    optimizer, ckpt_layout.distrib_optim_file(ckpt_dir, iteration, tp_rank, pp_rank, pp))
-        if fused_kernel:  # load_state_dict restored the saved groups' kernel flags: keep this optimizer's choice
-            use_fused_adamw(optimizer, devices=("cuda", "cpu"))
-    if load_optim and scheduler is not None and "opt_param_scheduler" in state:
-        scheduler.load_state_dict(state["opt_param_scheduler"])
-    if load_rng and "rng_state" in state:
-        _set_rng_state(state["rng_state"][0])
-    return {"iteration": state.get("iteration", iteration), "extra": state.get("extra", {}), "meta": meta}
+    states: dict[str, Stateful] = {"model": ModelState(model_chunks)}
+    if optimizer is not None and load_optim:
+        states["optimizer"] = optimizer
+    if scheduler is not None and load_optim:
+        states["scheduler"] = scheduler
+    if load_rng:
+        states["rng"] = RNGState()
+    loaded = LegacyFormat(ckpt_dir).load(states, iteration)
+    return {"iteration": loaded.iteration, "extra": loaded.extra, "meta": loaded.meta}

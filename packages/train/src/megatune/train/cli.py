@@ -5,16 +5,20 @@
     NPROC_PER_NODE=4 megatune sft ... --tp 2     # re-launches itself under torchrun (launch.py)
 
 Flags are parsed (and rejected) before any process is spawned, so a typo costs one process, not N. Every
-user-fixable problem — bad flag (ArgumentError), bad data (DataError), bad checkpoint (ConvertError), bad
-parallel layout or run state (TrainError) — ends as ONE line `megatune sft: error: ...` on rank 0 and exit code 1
-(2 for flag errors, as argparse does). Anything else is a bug and keeps its traceback.
+user-fixable problem ends as ONE line `megatune sft: error: ...` on rank 0. Exit codes (README "Exit codes", the
+same for every command): 2 for a usage error (a bad flag or flag value, or flags that do not fit together:
+ArgumentError, as argparse exits); 1 for a runtime failure (bad data: DataError, bad checkpoint: ConvertError, bad
+parallel layout or run state: TrainError, or a bug, which keeps its traceback); 130 when interrupted (Ctrl-C); 143
+when terminated (SIGTERM; under torchrun the launcher reports signals, see launch.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 
@@ -29,6 +33,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from megatune.train.errors import TrainError
 
     return (TrainError, ArgumentError, ConvertError, DataError)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `finally` blocks (process groups, the logger) still run."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -81,26 +93,36 @@ def run(argv: list[str], *, progress: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from megatune.argmap import ArgumentError, parse_sft_args
+    from megatune.argmap.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
     from megatune.train import launch
+    from megatune.train.plan import refuse_unsupported
 
     try:
         # validate before re-launching: a bad flag should fail once, before N processes start
-        parse_sft_args(argv)
+        refuse_unsupported(parse_sft_args(argv))
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except ArgumentError as e:
-        return _fail(str(e), 2)
+        return _fail(str(e), EXIT_USAGE)
     if launch.should_relaunch():
         return launch.relaunch(argv)
 
     _quiet_libraries()
+    previous = None
+    if "LOCAL_RANK" not in os.environ and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)  # under torchrun the agent reports signals
     try:
         run(argv)
     except _user_errors() as e:
-        return _fail(str(e), 2 if isinstance(e, ArgumentError) else 1)
+        return _fail(str(e), EXIT_USAGE if isinstance(e, ArgumentError) else EXIT_FAILURE)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    return 0
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except Terminated:
+        return _fail("terminated (SIGTERM)", EXIT_TERMINATED)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

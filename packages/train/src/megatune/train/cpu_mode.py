@@ -30,7 +30,9 @@ What is patched, and why (each would raise "Torch not compiled with CUDA" / "no 
 
 Not supported on CPU (GPU-only, callers must refuse them in CPU mode): the distributed optimizer (CUDA tensor-type
 checks; gloo has no reduce_scatter) and the bf16/fp16 optimizer wrappers (`Float16OptimizerWithFloat16Params`
-checks `torch.cuda.*Tensor` types). Context parallelism and CUDA graphs are not patched either.
+checks `torch.cuda.*Tensor` types). Context parallelism and CUDA graphs are not patched either. Those decisions
+live in the device policy (policy.py), which enables this module when it resolves to the CPU; this module only
+patches.
 """
 
 from __future__ import annotations
@@ -51,13 +53,6 @@ _ENABLED = False
 def is_cpu_mode() -> bool:
     """True once `enable()` has patched megatron-core for the CPU (never when CUDA is available)."""
     return _ENABLED
-
-
-def device() -> torch.device:
-    """The device models and batches live on: cuda:<local> on GPU, cpu in CPU mode."""
-    if _ENABLED or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def enable() -> bool:

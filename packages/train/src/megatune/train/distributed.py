@@ -1,10 +1,10 @@
 """Process-group setup for megatron-core, and a helper that runs a function in N local gloo processes (tests).
 
 `init_distributed(tp, pp)` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT); without it, it runs as a single process on a free local port. Backend: nccl when CUDA is present,
-gloo otherwise (and CPU mode is enabled first, see cpu_mode.py). It then calls megatron-core's
-`parallel_state.initialize_model_parallel` and seeds python/numpy/torch plus megatron-core's RNG tracker the way
-Megatron-LM does (seed + 100 * pp_rank; the tracker adds per-TP-rank offsets).
+MASTER_PORT); without it, it runs as a single process on a free local port. Device and backend come from the device
+policy (policy.py: nccl on GPU; gloo on the CPU, where installing the policy enables cpu_mode's patches first). It
+then calls megatron-core's `parallel_state.initialize_model_parallel` and seeds python/numpy/torch plus
+megatron-core's RNG tracker the way Megatron-LM does (seed + 100 * pp_rank; the tracker adds per-TP-rank offsets).
 
 `run_local(world_size, fn, *args)` spawns `world_size` processes that each call `fn(rank, world_size, *args)` with
 the torchrun variables set (so `fn` can call `init_distributed`), and returns the per-rank results. An exception in
@@ -22,7 +22,7 @@ import traceback
 
 import numpy as np
 import torch
-from megatune.train import cpu_mode
+from megatune.train import policy as device_policy
 from megatune.train.errors import TrainError
 from megatune.train.launch import free_port  # noqa: F401 - re-exported: tests and callers use distributed.free_port
 
@@ -45,19 +45,20 @@ class DistInfo:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, *, ep: int = 1, backend: str | None = None, seed: int = 42,
-                     timeout_minutes: int = 30) -> DistInfo:
-    """Initialise torch.distributed + megatron-core model parallel state for this process; returns its coordinates."""
+                     timeout_minutes: int = 30, policy: device_policy.DevicePolicy | None = None) -> DistInfo:
+    """Initialise torch.distributed + megatron-core model parallel state for this process; returns its coordinates.
+    `policy`: installed first (None: the active one, by default the machine's)."""
     from megatron.core import parallel_state, tensor_parallel
 
-    cpu = cpu_mode.enable()
-    backend = backend or ("gloo" if cpu else "nccl")
+    policy = device_policy.install(policy) if policy is not None else device_policy.active()
+    backend = backend or policy.backend
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size % (tp * pp * ep) != 0:
         raise TrainError(f"world size {world_size} is not divisible by tp*pp*ep = {tp}*{pp}*{ep}; "
                          f"launch a multiple of {tp * pp * ep} processes or change --tp/--pp/--ep")
-    if not cpu:
+    if policy.device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -79,7 +80,7 @@ def init_distributed(tp: int = 1, pp: int = 1, *, ep: int = 1, backend: str | No
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, tp=tp, pp=pp, dp=world_size // (tp * pp),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(), pp_rank=pp_rank,
-        dp_rank=parallel_state.get_data_parallel_rank(), device=cpu_mode.device(), backend=backend, ep=ep,
+        dp_rank=parallel_state.get_data_parallel_rank(), device=policy.device, backend=backend, ep=ep,
         ep_rank=parallel_state.get_expert_model_parallel_rank())
 
 

@@ -23,8 +23,11 @@ _COMPILED: dict = {}
 
 
 def _fast(fn, x: torch.Tensor):
-    """torch.compile'd `fn` for CUDA tensors (compiled once, lazily), the eager function otherwise."""
-    if not x.is_cuda:
+    """torch.compile'd `fn` for CUDA tensors when the device policy compiles kernels (compiled once, lazily), the
+    eager function otherwise."""
+    from megatune.train.policy import active
+
+    if not (x.is_cuda and active().compiled_kernels):
         return fn
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn)

@@ -9,8 +9,9 @@ RoPE: megatron-core 0.16's llama3 scaling hard-codes low/high freq factors 1/4 a
 we always set `inv_freq` ourselves, reproducing transformers' `_compute_llama3_parameters` (and the default /
 linear rope types) exactly. `MegatuneGPTModel` also feeds `position_ids` to the rotary embedding (megatron-core's
 RoPE ignores them and uses 0..s-1); with position ids restarting per packed document, each document gets the
-rotary phases it would have alone. Layer spec: Transformer Engine's when importable (spec="auto"/"te"), else ours
-(spec.py, spec="native"); the document-mask interface is described in spec.py.
+rotary phases it would have alone. Layer spec, CPU initialisation, compiled kernels, fused loss and device: from the
+device policy (policy.py; spec="native" is ours, spec.py, "te" Transformer Engine's); the document-mask interface
+is described in spec.py.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatune.convert.arch import megatron_model_args
 from megatune.convert.layout import padded_vocab_size, stage_layers
-from megatune.train import cpu_mode, fused
+from megatune.train import fused
 from megatune.train.errors import TrainError
-from megatune.train.spec import have_te, native_block_spec, te_block_spec
+from megatune.train.policy import active as active_policy
+from megatune.train.spec import native_block_spec, te_block_spec
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -147,15 +149,16 @@ def transformer_config(hf_config: dict, *, tp: int, pp: int, params_dtype=torch.
     fields = dict(
         num_layers=a["num_layers"], hidden_size=a["hidden_size"], ffn_hidden_size=a["ffn_hidden_size"],
         num_attention_heads=a["num_attention_heads"], num_query_groups=a["num_query_groups"],
-        kv_channels=a["kv_channels"], layernorm_epsilon=a["norm_epsilon"], normalization="RMSNorm",
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=a["add_qkv_bias"],
+        kv_channels=a["kv_channels"], layernorm_epsilon=a["norm_epsilon"], normalization=a["normalization"],
+        gated_linear_unit=a["swiglu"], activation_func=F.silu if a["swiglu"] else F.gelu,  # the family row's
+        add_bias_linear=False, add_qkv_bias=a["add_qkv_bias"],
         qk_layernorm=a["qk_layernorm"], hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=float(hf_config.get("initializer_range", 0.02)),
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16, use_cpu_initialization=cpu_mode.is_cpu_mode(),
+        fp16=params_dtype == torch.float16, use_cpu_initialization=active_policy().cpu_init,
         **recompute, **_pipeline_split(a["num_layers"], pp, layers_per_stage),
     )
     fields.update(overrides)
@@ -163,7 +166,7 @@ def transformer_config(hf_config: dict, *, tp: int, pp: int, params_dtype=torch.
 
 
 def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float32, sequence_parallel: bool = False,
-                recompute_granularity: str | None = None, spec: str = "auto", seq_length: int | None = None,
+                recompute_granularity: str | None = None, spec: str | None = None, seq_length: int | None = None,
                 layers_per_stage=None, make_vocab_size_divisible_by: int | None = None,
                 **config_overrides) -> list[GPTModel]:
     """One GPTModel chunk for this rank (pre/post process by PP stage), after init_distributed(tp, pp).
@@ -184,12 +187,11 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
     if a["num_attention_heads"] % tp or (a["num_query_groups"] % tp and tp % a["num_query_groups"]):
         raise TrainError(f"cannot split {a['num_attention_heads']} heads / {a['num_query_groups']} KV heads over "
                          f"tp={tp}; choose a tp dividing both")
-    if spec == "auto":
-        spec = "te" if have_te() else "native"
+    policy = active_policy()
+    spec = policy.layer_spec if spec in (None, "auto") else spec
     if spec not in ("te", "native"):
-        raise TrainError(f"spec={spec!r}: use 'auto', 'te' or 'native'")
-    gpu = not cpu_mode.is_cpu_mode()
-    if gpu and spec == "native":
+        raise TrainError(f"spec={spec!r}: use 'te' or 'native' (None: the device policy's)")
+    if policy.compiled_kernels and spec == "native":
         # compiled SwiGLU (megatron-core's bias_swiglu_impl) and our compiled RoPE in place of TE's (fused.py)
         fast = {"bias_activation_fusion": True, "apply_rope_fusion": fused.register_rope()}
         config_overrides = {**fast, **config_overrides}
@@ -214,9 +216,9 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
         model.rotary_pos_emb.__class__ = PositionRotaryEmbedding
     model.rotary_pos_emb.inv_freq = rope_inv_freq(a["kv_channels"], a["rotary_base"], scaling).to(
         model.rotary_pos_emb.inv_freq.device)
-    model.megatune_fused_loss = gpu
+    model.megatune_fused_loss = policy.fused_loss
     model.megatune_spec = spec  # "te" | "native": the state-dict naming, for load_pretrained/save_checkpoint
     model.megatune_hf_config = hf_config
-    if gpu:
+    if policy.device_type == "cuda":
         model.cuda(torch.cuda.current_device())
     return [model]

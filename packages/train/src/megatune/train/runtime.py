@@ -1,114 +1,44 @@
-"""Build a training run from SftArguments: processes, source weights, data, model, optimizer, run dir.
+"""Build a training run from SftArguments in named steps; each reads the plan (plan.py) and the device policy
+(policy.py) and hands the next step what it needs:
+
+    parallel   source, parallel sizes and device policy resolved; process groups initialised
+    data       tokenizer, datasets, the training iterator (its batch sizes need no data), validation iterators
+    plan       resolve_plan, once: iterations from the data's size, paths (rank 0 picks the run dir, broadcasts)
+    model      GPTModel chunks with the source weights, wrapped in megatron-core DDP
+    optimizer  megatron-core optimizer + LR schedule
+    restore    a continued run's states (model, optimizer, scheduler, data position, RNG) from its checkpoint
 
 Order matters and is the same on every rank (each step is deterministic, so all ranks fail or succeed together
-and nobody is left waiting in a collective): CPU mode -> process groups -> source checkpoint -> tokenizer + data
--> Megatron arguments -> run dir (rank 0 picks it, broadcasts) -> model (+ weights) -> DDP -> optimizer ->
-scheduler -> resume state.
-
-Where the weights come from (ms-swift's Megatron workflow):
-- `--resume_from_checkpoint DIR`, a converted Megatron checkpoint: weights to start from (any tp/pp, resharded in
-  memory), iteration 0, a new run dir `output/{basename DIR}/v{N}-{time}`;
-- the same flag on a previous megatune run dir whose checkpoint holds optimizer state: the run continues
-  (iteration, optimizer, scheduler, RNG, data position) in a new version dir next to the old one;
-- `--model_id_or_path HF_DIR` (or a cached hub id): HF weights sharded on the fly.
-
-Precision on CPU: fp32 only (megatron-core's bf16/fp16 optimizer wrappers need CUDA); `--bf16 true`, which is
-also swift's default (dtype AUTO), falls back to fp32 with a warning rather than failing every CPU command line.
+and nobody is left waiting in a collective).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from megatune.train.errors import TrainError
+from megatune.train.plan import Parallel, Source, TrainingPlan
+from megatune.train.policy import DevicePolicy
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class Source:
-    path: Path
-    kind: str  # "hf" | "megatron" (weights only) | "run" (a megatune run dir to continue)
-    name: str  # the run dir's parent folder name under --output_dir
-    meta: dict  # megatune.json (or {"hf_config": config.json} for HF)
-
-
-def _is_run_dir(d: Path) -> bool:
-    """A megatune run dir whose checkpoint carries optimizer/scheduler/data state (not --save_only_model)."""
-    from megatune.convert.ckpt_layout import is_megatron_dir
-
-    args = d / "args.json"
-    if not (args.is_file() and is_megatron_dir(d)):
-        return False
-    try:
-        return not json.loads(args.read_text()).get("save_only_model", False)
-    except (OSError, ValueError):
-        return False
-
-
-def resolve_source(sft) -> Source:
-    from megatune.convert import api
-    from megatune.convert.ckpt_layout import TRACKER, is_megatron_dir
-    from megatune.convert.errors import ConvertError
-    from megatune.convert.registry import resolve_weights
-
-    resume = sft.resume_from_checkpoint
-    defaulted = bool(sft.model_type) and resume == f"{sft.model_type}-tp{sft.tp or 1}-pp{sft.pp or 1}"
-    if resume and Path(resume).expanduser().is_dir():
-        d = Path(resume).expanduser().resolve()
-        if not is_megatron_dir(d):
-            raise TrainError(f"--resume_from_checkpoint {resume}: no {TRACKER}, not a Megatron "
-                             f"checkpoint; convert one with `megatune export --to_megatron true` or pass "
-                             f"--model_id_or_path for HF weights")
-        try:
-            meta = api.read_meta(d)
-        except ConvertError as e:
-            raise TrainError(str(e)) from None
-        if _is_run_dir(d):
-            return Source(d, "run", d.parent.name, meta)
-        return Source(d, "megatron", d.name, meta)
-    if resume and not (defaulted and sft.model_id_or_path):
-        raise TrainError(f"--resume_from_checkpoint {resume}: no such directory; convert the HF model first "
-                         f"(`megatune export --model_type {sft.model_type or 'T'} --to_megatron true --tp {sft.tp or 1} "
-                         f"--pp {sft.pp or 1}`) or pass --model_id_or_path HF_DIR")
-    if not sft.model_id_or_path and not sft.model_type:
-        raise TrainError("no weights to train: pass --resume_from_checkpoint MEGATRON_DIR or --model_id_or_path HF_DIR")
-    try:
-        d = resolve_weights(sft.model_type, sft.model_id_or_path).resolve()
-    except ConvertError as e:
-        raise TrainError(str(e)) from None
-    hf_config = json.loads((d / "config.json").read_text())
-    return Source(d, "hf", d.name, {"hf_config": hf_config, "model_type": sft.model_type or hf_config.get("model_type")})
-
-
-def check_parallel(hf_config: dict, tp: int, pp: int, where: str = "config.json") -> None:
-    """The converter's tp constraints (megatron-core's asserts) plus pp <= layers, as one-line TrainErrors."""
-    from megatune.convert.arch import check_parallel as check_tp
-    from megatune.convert.arch import shape_of
-    from megatune.convert.errors import ConvertError
-
-    try:
-        check_tp(shape_of(hf_config), tp, where)
-    except ConvertError as e:
-        raise TrainError(f"--tp {tp}: {e}") from None
-    layers = int(hf_config["num_hidden_layers"])
-    if pp > layers:
-        raise TrainError(f"--pp {pp} is more than the model's {layers} layers; choose pp <= {layers}")
-
-
-def cpu_precision(sft, cpu: bool) -> None:
-    """On CPU, bf16/fp16 fall back to fp32 (see module docstring)."""
-    if cpu and (sft.bf16 or sft.fp16):
-        log.warning("megatune sft: CPU mode trains in fp32 (megatron-core's %s optimizer needs CUDA); "
-                    "ignoring --%s true", "bf16" if sft.bf16 else "fp16", "bf16" if sft.bf16 else "fp16")
-        sft.bf16 = sft.fp16 = False
+@dataclasses.dataclass(frozen=True)
+class Data:
+    config: Any  # data.DataConfig
+    train: Any  # data.BatchIterator: the training batches, resumable (state_dict / load_state_dict)
+    make_val: Callable[[], Any] | None  # a fresh validation iterator per evaluation, None without validation data
+    stats: dict
+    train_rows: int
+    train_units: int  # what an iteration consumes: train_rows, or the packed rows with --packing
+    val_rows: int
 
 
 def load_tokenizer(path: Path):
@@ -117,8 +47,9 @@ def load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # missing/corrupt tokenizer files: one line with the directory
-        raise TrainError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         f"the directory must hold tokenizer.json / tokenizer_config.json") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise TrainError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {first}); the directory must hold "
+                         f"tokenizer.json / tokenizer_config.json") from None
 
 
 def build_data(sft, tokenizer):
@@ -140,15 +71,16 @@ def build_data(sft, tokenizer):
     return cfg, train, val, stats
 
 
-def batch_iterator(dataset, *, mbs: int, num_micro_batches: int, dist, seed: int, cfg, pad_id: int, epochs=None):
+def batch_iterator(dataset, *, mbs: int, num_micro_batches: int, dist, seed: int, cfg, pad_id: int,
+                   policy: DevicePolicy, epochs=None):
     from megatune.train.data import BatchIterator
 
     # sequence parallelism splits the sequence over TP ranks: lengths must divide by tp
     multiple = 8 * dist.tp // math.gcd(8, dist.tp)
     fixed = None
-    if cfg.packing and dist.device.type == "cuda":
-        # packed rows go through flex_attention, compiled for static shapes: one length for every batch (packed
-        # rows are nearly full anyway), a whole number of its 128-token blocks
+    if cfg.packing and policy.fixed_packed_length:
+        # flex_attention is compiled for static shapes: one length for every packed batch (packed rows are nearly
+        # full anyway), a whole number of its 128-token blocks
         block = 128 * dist.tp // math.gcd(128, dist.tp)
         fixed = -(-cfg.max_length // block) * block
     try:
@@ -175,14 +107,12 @@ def pick_run_dir(sft, source: Source, dist) -> Path:
     return Path(answer[0])
 
 
-def wrap_model(chunks: list, margs, *, cpu: bool, overlap_grad_reduce: bool | None = None) -> list:
+def wrap_model(chunks: list, policy: DevicePolicy) -> list:
     """megatron-core DDP over each chunk (Float16Module first for bf16/fp16, as Megatron-LM does).
 
-    With data parallelism on GPU the gradient reduce(-scatter) overlaps the backward pass by default (buckets are
-    reduced as soon as their gradients are complete; Megatron-LM's `--overlap-grad-reduce`, on in Megatron-Bridge's
-    recipes): `None` means on when DP > 1 and not in CPU mode. Micro-batches before the last skip the reduction
-    (`no_sync`), as Megatron-LM wires it."""
-    from megatron.core import parallel_state as ps
+    With `policy.overlap_grad_reduce` the gradient reduce(-scatter) overlaps the backward pass (buckets are reduced
+    as soon as their gradients are complete; Megatron-LM's `--overlap-grad-reduce`); micro-batches before the last
+    skip the reduction (`no_sync`), as Megatron-LM wires it."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
@@ -190,17 +120,15 @@ def wrap_model(chunks: list, margs, *, cpu: bool, overlap_grad_reduce: bool | No
     # mean over the loss tokens of the whole global batch: see steps.py
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
-    if overlap_grad_reduce is None:
-        overlap_grad_reduce = not cpu and ps.get_data_parallel_world_size() > 1
-    if margs.bf16 or margs.fp16:
+    if policy.precision != "fp32":
         chunks = [Float16Module(config, c) for c in chunks]
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, average_in_collective=False,
-        use_distributed_optimizer=bool(margs.use_distributed_optimizer) and not cpu)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=policy.overlap_grad_reduce, average_in_collective=False,
+        use_distributed_optimizer=policy.distributed_optimizer)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
              for i, c in enumerate(chunks)]
     config.no_sync_func = config.grad_sync_func = None
-    if overlap_grad_reduce:
+    if policy.overlap_grad_reduce:
         one = len(model) == 1
         config.no_sync_func = model[0].no_sync if one else [m.no_sync for m in model]
         # pipeline stages start their reduce when their last backward is done, not at the end of the schedule
@@ -218,125 +146,122 @@ def forward_kwargs_for(packing: bool):
     return lambda batch: {"attention_mask": None}
 
 
-def _lacks_distributed_optimizer_state(optimizer, ckpt_dir: Path, dist) -> bool:
-    """True when `optimizer` is megatron-core's distributed optimizer and the checkpoint has no `distrib_optim.pt`.
+# ------------------------------------------------------------------------------------------------ the steps
+def setup_parallel(sft):
+    """Source, parallel sizes, device policy (installed), process groups: (source, parallel, policy, dist)."""
+    from megatune.train import distributed
+    from megatune.train.plan import refuse_unsupported, resolve_parallel, resolve_source
+    from megatune.train.policy import Machine, Request, resolve_policy
 
-    That optimizer keeps its fp32 master weights and Adam moments outside `state_dict()` (Megatron-LM writes them to
-    `distrib_optim.pt`); its `load_state_dict` allocates them uninitialised for `load_parameter_state` to fill. Without
-    the file we must not load its state dict at all: we re-derive the master weights from the loaded model weights
-    instead, so training continues from the checkpoint's weights and schedule with fresh Adam moments."""
-    from megatune.train.checkpoint import is_distributed_optimizer
+    refuse_unsupported(sft)
+    source = resolve_source(sft)
+    parallel = resolve_parallel(sft, source, int(os.environ.get("WORLD_SIZE", "1")))
+    policy = resolve_policy(Request.from_args(sft), Machine.detect(), parallel.dp)
+    dist = distributed.init_distributed(parallel.tp, parallel.pp, ep=parallel.ep, seed=sft.seed, policy=policy)
+    return source, parallel, policy, dist
 
-    if not is_distributed_optimizer(optimizer):
-        return False
-    from megatune.convert import ckpt_layout
 
-    iteration = ckpt_layout.read_latest(ckpt_dir)
-    return not ckpt_layout.distrib_optim_file(ckpt_dir, iteration, dist.tp_rank, dist.pp_rank, dist.pp).is_file()
+def setup_data(sft, source: Source, parallel: Parallel, policy: DevicePolicy, dist) -> Data:
+    from megatune.train.plan import resolve_batches
+
+    tokenizer = load_tokenizer(source.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cfg, train_ds, val_ds, stats = build_data(sft, tokenizer)
+    sizes = resolve_batches(sft, parallel)
+    mbs, num_micro = sft.batch_size, sizes.gradient_accumulation_steps
+    common = dict(mbs=mbs, dist=dist, seed=sft.seed, cfg=cfg, pad_id=pad_id, policy=policy)
+    train = batch_iterator(train_ds, num_micro_batches=num_micro, **common)
+    val_micro = min(num_micro, len(val_ds) // (mbs * parallel.dp)) if len(val_ds) else 0
+    make_val = None
+    if val_micro > 0:
+        # the validation set may be smaller than a training global batch: shrink accumulation, keep mbs and DP
+        def make_val():
+            return batch_iterator(val_ds, num_micro_batches=val_micro, epochs=1, **common)
+
+    return Data(config=cfg, train=train, make_val=make_val, stats=stats, train_rows=len(train_ds),
+                train_units=train.num_units, val_rows=len(val_ds))
+
+
+def setup_plan(sft, source: Source, parallel: Parallel, policy: DevicePolicy, data: Data, dist) -> TrainingPlan:
+    from megatune.train.plan import resolve_plan
+
+    run_dir = pick_run_dir(sft, source, dist)
+    return resolve_plan(sft, source, parallel, policy, train_rows=data.train_units, val_rows=data.val_rows,
+                        run_dir=run_dir)
+
+
+def setup_model(plan: TrainingPlan, data: Data) -> tuple[list, list]:
+    """(GPTModel chunks with the source's weights, the same wrapped in DDP)."""
+    from megatune.train import checkpoint, model
+
+    source = plan.source
+    chunks = model.build_model(source.meta if source.kind != "hf" else source.hf_config, tp=plan.parallel.tp,
+                               pp=plan.parallel.pp, params_dtype=plan.policy.params_dtype,
+                               sequence_parallel=plan.parallel.sp,
+                               recompute_granularity=plan.megatron.recompute_granularity, spec=plan.policy.layer_spec,
+                               seq_length=data.config.max_length)
+    checkpoint.load_pretrained(chunks, source.path)
+    return chunks, wrap_model(chunks, plan.policy)
+
+
+def setup_optimizer(plan: TrainingPlan, chunks: list, ddp_chunks: list):
+    from megatune.train import optim
+
+    optimizer = optim.build_optimizer(ddp_chunks, plan.megatron, plan.policy)
+    scheduler = optim.build_scheduler(optimizer, plan.megatron)
+    # the schedules multiply the loss by the fp16 loss scale through this hook (1.0 for bf16/fp32), as Megatron-LM
+    chunks[0].config.grad_scale_func = optimizer.scale_loss
+    return optimizer, scheduler
+
+
+def restore(plan: TrainingPlan, states: dict, note: Callable[[str], None]) -> int:
+    """A continued run (source kind "run") gets every state back; returns the iteration to start after."""
+    from megatune.train.checkpoint import LegacyFormat
+
+    if plan.source.kind != "run":
+        return 0
+    loaded = LegacyFormat(plan.source.path).load(states)
+    for line in loaded.notes:
+        note(line)
+    start = int(loaded.iteration)
+    if start >= plan.train_iters:
+        raise TrainError(f"{plan.source.path}: already at iteration {start} of {plan.train_iters}; raise --max_steps "
+                         f"or --num_train_epochs to train further")
+    return start
 
 
 def build_run(sft, *, progress: bool = True):
     """Everything `trainer.train` needs, for this rank. Returns (Run, info dict for the CLI summary)."""
-    from megatune.argmap.mapping import to_megatron, with_parallel_defaults
-    from megatune.train import checkpoint, cpu_mode, distributed, model, optim, steps
+    from megatune.train import steps
+    from megatune.train.checkpoint import LegacyFormat
     from megatune.train.rundir import RunLogger
+    from megatune.train.states import ModelState, RNGState
     from megatune.train.trainer import Run
 
-    cpu = cpu_mode.enable()
-    cpu_precision(sft, cpu)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    source = resolve_source(sft)
-    # unset --tp/--pp follow the checkpoint (swift: `--resume_from_checkpoint ...-tp2-pp1` on 4 GPUs = TP2 x DP2)
-    sft = with_parallel_defaults(sft, source.meta.get("tp"), source.meta.get("pp"))
-    if world_size % (sft.tp * sft.pp):
-        raise TrainError(f"--tp {sft.tp} x --pp {sft.pp} = {sft.tp * sft.pp} does not divide the world size "
-                         f"{world_size}; launch a multiple of {sft.tp * sft.pp} processes (NPROC_PER_NODE x NNODES)")
-    hf_config = source.meta["hf_config"]
-    check_parallel(hf_config, sft.tp, sft.pp, where=f"{source.path}/config.json")
-    saved = (source.meta.get("tp"), source.meta.get("pp"))
-    if source.kind == "run" and saved != (sft.tp, sft.pp):
-        raise TrainError(f"{source.path}: run saved with tp={saved[0]} pp={saved[1]}, this run has tp={sft.tp} "
-                         f"pp={sft.pp}; optimizer state cannot be resharded: pass --tp {saved[0]} --pp {saved[1]} to "
-                         f"continue it, or export it (`megatune export --ckpt_dir DIR --to_hf true`) and start from "
-                         f"--model_id_or_path DIR/{source.meta.get('model_type')}-hf")
-    dist = distributed.init_distributed(sft.tp, sft.pp, seed=sft.seed)
-
-    tokenizer = load_tokenizer(source.path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data_cfg, train_ds, val_ds, stats = build_data(sft, tokenizer)
-    margs = to_megatron(sft, world_size=dist.world_size, train_len=len(train_ds), val_len=len(val_ds))
-    gbs, mbs = int(margs.global_batch_size), int(margs.micro_batch_size)
-    num_micro = gbs // (mbs * dist.dp)
-    train_batches = batch_iterator(train_ds, mbs=mbs, num_micro_batches=num_micro, dist=dist, seed=sft.seed,
-                                   cfg=data_cfg, pad_id=pad_id)
-    if data_cfg.packing and sft.max_steps <= 0:  # iterations count packed rows, not samples
-        margs = to_megatron(sft, world_size=dist.world_size, train_len=train_batches.num_units, val_len=len(val_ds))
-
-    make_val = None
-    val_micro = min(num_micro, len(val_ds) // (mbs * dist.dp)) if len(val_ds) else 0
-    if val_micro > 0:
-        # the validation set may be smaller than a training global batch: shrink accumulation, keep mbs and DP
-        def make_val():
-            return batch_iterator(val_ds, mbs=mbs, num_micro_batches=val_micro, dist=dist, seed=sft.seed,
-                                  cfg=data_cfg, pad_id=pad_id, epochs=1)
-
-    run_dir = pick_run_dir(sft, source, dist)
-    margs.save, margs.load = str(run_dir), str(source.path)
-    margs.tensorboard_dir = sft.logging_dir or str(run_dir / "runs")
-
-    params_dtype = torch.bfloat16 if margs.bf16 else (torch.float16 if margs.fp16 else torch.float32)
-    chunks = model.build_model(source.meta if source.kind != "hf" else hf_config, tp=sft.tp, pp=sft.pp,
-                               params_dtype=params_dtype, sequence_parallel=sft.sequence_parallel,
-                               recompute_granularity=margs.recompute_granularity,
-                               spec="native" if data_cfg.packing else "auto", seq_length=data_cfg.max_length)
-    checkpoint.load_pretrained(chunks, source.path)
-    ddp_chunks = wrap_model(chunks, margs, cpu=cpu)
+    source, parallel, policy, dist = setup_parallel(sft)
     note = log.warning if dist.rank == 0 else log.debug
-    optimizer = optim.build_optimizer(ddp_chunks, margs, cpu=cpu, note=note)
-    scheduler = optim.build_scheduler(optimizer, margs)
-    # the schedules multiply the loss by the fp16 loss scale through this hook (1.0 for bf16/fp32), as Megatron-LM
-    chunks[0].config.grad_scale_func = optimizer.scale_loss
+    for line in policy.notes:
+        note(line)
+    data = setup_data(sft, source, parallel, policy, dist)
+    plan = setup_plan(sft, source, parallel, policy, data, dist)
+    chunks, ddp_chunks = setup_model(plan, data)
+    optimizer, scheduler = setup_optimizer(plan, chunks, ddp_chunks)
+    states = {"model": ModelState(ddp_chunks), "optimizer": optimizer, "scheduler": scheduler, "data": data.train,
+              "rng": RNGState(policy.device_type)}
+    start = restore(plan, states, note)
 
-    start = 0
-    if source.kind == "run":
-        fresh_moments = _lacks_distributed_optimizer_state(optimizer, source.path, dist)
-        state = checkpoint.load_checkpoint(source.path, ddp_chunks, None if fresh_moments else optimizer, scheduler)
-        start = int(state["iteration"])
-        if fresh_moments:
-            optimizer.reload_model_params()
-            note(f"megatune sft: {source.path} holds no distributed-optimizer state (distrib_optim.pt); weights, "
-                 f"schedule and data position resume exactly, Adam moments restart from zero")
-        data_state = state["extra"].get("data_state")
-        if data_state is None:
-            raise TrainError(f"{source.path}: checkpoint has no data position; it was not written by megatune sft")
-        try:
-            train_batches.load_state_dict(data_state)
-        except ValueError as e:
-            raise TrainError(f"{source.path}: {e}") from None
-        if start >= int(margs.train_iters):
-            raise TrainError(f"{source.path}: already at iteration {start} of {margs.train_iters}; raise --max_steps "
-                             f"or --num_train_epochs to train further")
-
-    meta = dict(source.meta)
-    meta.setdefault("model_type", hf_config.get("model_type"))
-
-    def save(ckpt_dir, iteration, model_chunks, optimizer, scheduler, extra):
-        return checkpoint.save_checkpoint(ckpt_dir, iteration, model_chunks, optimizer=optimizer,
-                                          scheduler=scheduler, extra=extra, meta=meta,
-                                          save_optim=not sft.save_only_model, save_rng=not sft.save_only_model,
-                                          tokenizer_dir=source.path)
-
-    logger = RunLogger(run_dir, total_steps=int(margs.train_iters), start_step=start,
-                       logging_dir=margs.tensorboard_dir, enabled=dist.rank == 0, progress=progress)
-    logger.write_args(sft, margs, {"source": {"path": str(source.path), "kind": source.kind},
-                                   "data": {k: v for k, v in stats.items() if isinstance(v, (int, float))},
-                                   "cpu_mode": cpu, "start_iteration": start})
-    run = Run(args=margs, model=ddp_chunks, optimizer=optimizer, scheduler=scheduler, train_batches=train_batches,
-              make_val_batches=make_val, forward_step=steps.make_forward_step(forward_kwargs_for(data_cfg.packing)),
-              logger=logger, save_dir=str(run_dir), save_checkpoint=save, device=dist.device,
-              world_size=dist.world_size, hf_config=hf_config, params_dtype=params_dtype, start_iteration=start,
-              save_only_model=sft.save_only_model, is_rank0=dist.rank == 0)
-    info = {"run_dir": str(run_dir), "source": str(source.path), "source_kind": source.kind, "tp": dist.tp,
-            "pp": dist.pp, "dp": dist.dp, "train_iters": int(margs.train_iters), "start_iteration": start,
-            "global_batch_size": gbs, "train_rows": len(train_ds), "val_rows": len(val_ds)}
+    meta = {**source.meta, "model_type": source.meta.get("model_type") or source.hf_config.get("model_type")}
+    saved = {k: states[k] for k in ("model", "data")} if sft.save_only_model else states
+    logger = RunLogger(plan.run_dir, total_steps=plan.train_iters, start_step=start,
+                       logging_dir=plan.megatron.tensorboard_dir, enabled=dist.rank == 0, progress=progress)
+    logger.write_args(sft, plan.megatron, {**plan.describe(), "cpu_mode": policy.device_type == "cpu",
+                                           "data": {k: v for k, v in data.stats.items() if isinstance(v, (int, float))},
+                                           "start_iteration": start})
+    run = Run(plan=plan, model=ddp_chunks, optimizer=optimizer, scheduler=scheduler, train_batches=data.train,
+              make_val_batches=data.make_val, forward_step=steps.make_forward_step(forward_kwargs_for(sft.packing)),
+              logger=logger, checkpoint=LegacyFormat(plan.run_dir, meta=meta, aux_dir=source.path),
+              save_states=saved, device=dist.device, start_iteration=start, is_rank0=dist.rank == 0)
+    info = {"run_dir": str(plan.run_dir), "source": str(source.path), "source_kind": source.kind, "tp": parallel.tp,
+            "pp": parallel.pp, "dp": parallel.dp, "train_iters": plan.train_iters, "start_iteration": start,
+            "global_batch_size": plan.global_batch_size, "train_rows": data.train_rows, "val_rows": data.val_rows}
     return run, info

@@ -1,4 +1,4 @@
-"""megatune's torch-native layer spec for megatron-core's GPTModel (used when Transformer Engine is not importable).
+"""megatune's torch-native layer spec for megatron-core's GPTModel (the default: `--transformer_impl native`).
 
 It is megatron-core's local spec (`get_gpt_layer_local_spec`) with three modules swapped, keeping every
 state-dict name identical (`input_layernorm`, `self_attention.linear_qkv`, `self_attention.q_layernorm`, ...,
@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatune.train import fused
 from megatune.train.errors import TrainError
+from megatune.train.policy import active as active_policy
 
 
 class RMSNorm(torch.nn.Module):
@@ -121,6 +122,7 @@ class SDPAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim ** -0.5
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.policy = active_policy()  # which SDPA kernels; flex_attention for document masks or not
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -132,13 +134,13 @@ class SDPAttention(MegatronModule):
         sq, b = query.shape[0], query.shape[1]
         dropout_p = self.dropout_p if self.training else 0.0
         gqa = q.shape[1] != k.shape[1]
-        with self._rng_context(dropout_p):
+        with self._rng_context(dropout_p), self.policy.attention_kernels():
             if attention_mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
                                                      scale=self.softmax_scale, enable_gqa=gqa)
             elif attention_mask.dtype != torch.bool:  # document ids [b, s]
                 # flex_attention needs head_dim >= 16 and has no dropout; otherwise an explicit bool mask
-                if attention_mask.is_cuda and dropout_p == 0.0 and q.shape[-1] >= 16:
+                if self.policy.flex_documents and attention_mask.is_cuda and dropout_p == 0.0 and q.shape[-1] >= 16:
                     out = _flex_attention(q, k, v, _flex_block_mask(attention_mask, q.shape[1]), self.softmax_scale)
                 else:
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=_block_causal_bool(attention_mask)[:, None],
@@ -184,11 +186,3 @@ def te_block_spec(qk_layernorm: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-
-
-def have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken TE install counts as absent
-        return False
-    return True

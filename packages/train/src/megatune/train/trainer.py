@@ -1,15 +1,16 @@
 """The training loop: step, log, evaluate, checkpoint — nothing else.
 
-Everything the loop needs (model chunks wrapped in megatron-core DDP, optimizer, scheduler, batch iterators, run
-logger) is built by `runtime.py` and handed over as a `Run`. The loop itself is deliberately plain:
+Everything the loop needs (the plan, model chunks wrapped in megatron-core DDP, optimizer, scheduler, batch
+iterators, run logger, the checkpoint format and the states it saves) is built by `runtime.py` and handed over as a
+`Run`. The loop itself is deliberately plain:
 
     for it in range(start, train_iters):
         loss = train_step(next(train_batches))        # one global batch = G micro-batches on each DP rank
         log every log_interval; evaluate every eval_interval; save every save_interval (and at the end)
 
-A checkpoint's `extra` carries the iteration and the data position (BatchIterator.state_dict()), so a resumed run
-draws exactly the batches the original would have drawn next; with optimizer + RNG + scheduler restored by
-checkpoint.py that makes resume bit-exact on CPU.
+A checkpoint holds the `states` mapping (model, optimizer, scheduler, data position, RNG; states.py), so a resumed
+run draws exactly the batches the original would have drawn next with the same optimizer, schedule and random
+streams: resume is bit-exact on CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any
 import torch
 from megatune.train import metrics, steps
 from megatune.train.optim import current_lr, scheduler_increment
+from megatune.train.plan import TrainingPlan
 from megatune.train.rundir import RunLogger
+from megatune.train.states import CheckpointFormat, Stateful
 
 # test hook: sleep this many seconds inside every checkpoint save (lets a test SIGKILL a run mid-save)
 SAVE_SLEEP_ENV = "MEGATUNE_TEST_SAVE_SLEEP"
@@ -34,7 +37,7 @@ SAVE_SLEEP_ENV = "MEGATUNE_TEST_SAVE_SLEEP"
 class Run:
     """Everything the loop touches. Built by runtime.build_run()."""
 
-    args: Any  # MegatronArguments (Megatron-LM names)
+    plan: TrainingPlan
     model: list  # DDP-wrapped model chunks of this rank
     optimizer: Any
     scheduler: Any
@@ -42,15 +45,15 @@ class Run:
     make_val_batches: Callable[[], Any] | None  # fresh validation iterator per evaluation, or None
     forward_step: Callable
     logger: RunLogger
-    save_dir: str | None  # where checkpoints go (the run dir); None: do not save
-    save_checkpoint: Callable[..., Any]  # checkpoint.save_checkpoint, bound to the model's metadata by runtime
+    checkpoint: CheckpointFormat | None  # where checkpoints go (the run dir); None: do not save
+    save_states: dict[str, Stateful]  # what a checkpoint holds (model and data only with --save_only_model)
     device: torch.device
-    world_size: int
-    hf_config: dict
-    params_dtype: torch.dtype
     start_iteration: int = 0
-    save_only_model: bool = False
     is_rank0: bool = True
+
+    @property
+    def args(self):  # MegatronArguments: intervals and iteration counts in Megatron-LM's names
+        return self.plan.megatron
 
 
 def _global_tokens(microbatches: list[dict], device: torch.device) -> int:
@@ -83,14 +86,9 @@ def evaluate(run: Run) -> float | None:
 
 
 def save(run: Run, iteration: int) -> None:
-    extra = {"iteration": iteration, "data_state": run.train_batches.state_dict()}
-    run.logger.message(f"saving checkpoint at iteration {iteration} to {run.save_dir}")
+    run.logger.message(f"saving checkpoint at iteration {iteration} to {run.checkpoint.directory}")
     with _slow_saves(iteration):
-        run.save_checkpoint(
-            run.save_dir, iteration, run.model,
-            None if run.save_only_model else run.optimizer,
-            None if run.save_only_model else run.scheduler,
-            extra)
+        run.checkpoint.save(run.save_states, iteration)
 
 
 @contextlib.contextmanager
@@ -125,7 +123,8 @@ def train(run: Run) -> dict[str, Any]:
     eval_interval = int(args.eval_interval or 0)
     save_interval = int(args.save_interval or 0)
     increment = scheduler_increment(args)
-    peak = metrics.device_peak_flops(run.params_dtype)
+    peak = metrics.device_peak_flops(run.plan.policy.params_dtype)
+    world_size, hf_config = run.plan.parallel.world_size, run.plan.source.hf_config
     for chunk in run.model:
         chunk.train()
 
@@ -155,8 +154,8 @@ def train(run: Run) -> dict[str, Any]:
                 "loss": round(window["loss_sum"] / window["steps"], 6),
                 "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                 "learning_rate": current_lr(run.optimizer),
-                **metrics.throughput(tokens=window["tokens"], seconds=window["seconds"], world_size=run.world_size,
-                                     flops_token=metrics.flops_per_token(run.hf_config, window["seq"]), peak=peak),
+                **metrics.throughput(tokens=window["tokens"], seconds=window["seconds"], world_size=world_size,
+                                     flops_token=metrics.flops_per_token(hf_config, window["seq"]), peak=peak),
                 "memory(GiB)": round(metrics.memory_gib(), 3),
                 "global_step": iteration,
             }
@@ -171,7 +170,7 @@ def train(run: Run) -> dict[str, Any]:
                 eval_losses.append((iteration, eval_loss))
                 run.logger.log_eval(iteration, {"eval_loss": round(eval_loss, 6), "global_step": iteration})
 
-        if run.save_dir and (iteration == train_iters or (save_interval and iteration % save_interval == 0)):
+        if run.checkpoint is not None and (iteration == train_iters or (save_interval and iteration % save_interval == 0)):
             save(run, iteration)
             last_saved = iteration
 

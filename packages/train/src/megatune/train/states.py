@@ -1,0 +1,169 @@
+"""What a training checkpoint holds: one `states` mapping of objects with `state_dict()` / `load_state_dict()`.
+
+    states = {"model": ModelState(chunks), "optimizer": optimizer, "scheduler": scheduler,
+              "data": train_batches, "rng": RNGState()}
+    fmt.save(states, iteration);  fmt.load(states)            # fmt: a CheckpointFormat
+
+megatron-core's optimizer and scheduler and megatune's BatchIterator already have both methods; `ModelState` (the
+GPTModel's own names, without DDP/Float16Module prefixes or TE's `_extra_state`) and `RNGState` (python, numpy,
+torch, device and megatron-core's tracker streams) supply them for the rest. A format decides where each state goes
+on disk (checkpoint.LegacyFormat: Megatron-LM's rank files; a torch_dist format would write sharded state dicts of
+the same mapping), so a second format is a second implementation of `CheckpointFormat`, not a change to the
+trainer. Loading a subset of the states (weights only, no optimizer) is passing a smaller mapping.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from megatune.train.errors import TrainError
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """What a format's `load` found: the iteration, the checkpoint's metadata, its extra values (all of them, also
+    those no state asked for), and notes for the user."""
+
+    iteration: int | str
+    meta: dict
+    extra: dict
+    notes: tuple[str, ...] = ()
+
+
+class CheckpointFormat(abc.ABC):
+    """One on-disk format of training checkpoints in one directory. Every rank calls every method."""
+
+    directory: Path
+
+    @abc.abstractmethod
+    def save(self, states: Mapping[str, Stateful], iteration: int) -> Path:
+        """Write `states` as iteration `iteration`, atomically (a crash keeps the previous checkpoint)."""
+
+    @abc.abstractmethod
+    def load(self, states: Mapping[str, Stateful], iteration: int | None = None) -> Loaded:
+        """Fill `states` from iteration `iteration` (None: the latest); refuse what cannot be restored exactly."""
+
+    @abc.abstractmethod
+    def latest(self) -> int | None:
+        """The newest complete iteration, None when there is none."""
+
+
+# ------------------------------------------------------------------------------------------------ model
+def single(model_chunks) -> torch.nn.Module:
+    if len(model_chunks) != 1:
+        raise TrainError(f"{len(model_chunks)} model chunks: virtual pipeline stages are not supported; build "
+                         f"the model with build_model (one chunk per rank)")
+    return model_chunks[0]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # megatron-core DDP / Float16Module wrap the GPTModel as .module
+        model = model.module
+    return model
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """GPTModel state dict without `_extra_state` entries (TE's fp8 metadata; empty for our spec)."""
+    return {k: v for k, v in unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
+
+
+def load_model_state(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load (names and shapes), ignoring `_extra_state`; one clear line on the first problem."""
+    expected = model_state(model)
+    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise TrainError(f"{source}: state-dict names do not match the model (missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'...' if len(unexpected) > 3 else ''}); check tp/pp/layer-spec naming of the checkpoint")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise TrainError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(expected[k].shape)}; the checkpoint was made for another tp or config")
+    unwrap(model).load_state_dict(state, strict=False)
+
+
+class ModelState:
+    """This rank's model chunk (one; no virtual pipeline stages) as a Stateful."""
+
+    def __init__(self, model_chunks) -> None:
+        self.chunks = list(model_chunks)
+        self.module = unwrap(single(self.chunks))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return model_state(self.module)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        load_model_state(self.module, state, source)
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+class RNGState:
+    """Every random stream a step draws from: python, numpy, torch (CPU), the CUDA generator and megatron-core's
+    tracker (TP-rank dropout streams). Stored as plain values (no numpy objects: the allow-listed loader needs none).
+    CPU and CUDA generator states have different formats: across devices only the host streams are restored."""
+
+    def __init__(self, device_type: str | None = None) -> None:
+        if device_type is None:
+            from megatune.train.policy import active
+
+            device_type = active().device_type
+        self.device_type = device_type
+
+    def state_dict(self) -> dict:
+        from megatron.core import tensor_parallel
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        np_state = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))  # np.random.set_state accepts this
+        state = {"random_rng_state": random.getstate(), "np_rng_state": np_state,
+                 "torch_rng_state": torch.get_rng_state(),
+                 "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+                 "megatune_device": self.device_type}
+        if self.device_type == "cuda":
+            state["cuda_rng_state"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        from megatron.core import tensor_parallel
+
+        random.setstate(state["random_rng_state"])
+        np.random.set_state(state["np_rng_state"])
+        torch.set_rng_state(state["torch_rng_state"])
+        saved = state.get("megatune_device", "cuda" if "cuda_rng_state" in state else "cpu")
+        if saved != self.device_type:
+            log.warning("checkpoint RNG state was saved on %s, running on %s: device RNG streams not restored", saved,
+                        self.device_type)
+            return
+        if "cuda_rng_state" in state:
+            torch.cuda.set_rng_state(state["cuda_rng_state"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+class Value:
+    """A plain python value as a Stateful (e.g. a caller's own bookkeeping stored next to the data position)."""
+
+    def __init__(self, value: Any = None) -> None:
+        self.value = value
+
+    def state_dict(self) -> Any:
+        return self.value
+
+    def load_state_dict(self, state: Any) -> None:
+        self.value = state
