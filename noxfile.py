@@ -72,6 +72,15 @@ def demo(session: nox.Session) -> None:
     session.run("megatune", "demo", *session.posargs)
 
 
+@nox.session(default=False, venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """GPU machine: `pytest -m gpu` over the packages, then a short `megatune sft` in the production configuration
+    (bf16, distributed optimizer, overlapped reduce with NPROC_PER_NODE = visible GPUs when >= 2, save, resume).
+    Runs in the invoking interpreter (its CUDA torch, not the CPU pin above) on this checkout's sources; the body is
+    a plain script, `python packages/train/benchmarks/gpu_check.py`, for machines without nox."""
+    session.run("python", "packages/train/benchmarks/gpu_check.py", *session.posargs, external=True)
+
+
 @nox.session(default=False)
 def bench_convert(session: nox.Session) -> None:
     """7B-shaped random bf16 checkpoint: HF -> tp2 -> HF, GB/s next to `cp`, peak RSS."""

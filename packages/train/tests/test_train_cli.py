@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,37 @@ def test_torchrun_relaunch_trains_and_reports_errors_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=300)
     noisy = [line for line in bad.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert bad.returncode != 0 and noisy == [noisy[0]] and noisy[0].startswith("megatune sft: error: "), bad.stderr
+
+
+def _one_error_line(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+@pytest.mark.slow
+def test_exit_codes_follow_the_convention(tmp_path):
+    """2 usage error, 1 runtime failure, 143 SIGTERM, 130 Ctrl-C (README "Exit codes"), each with one line."""
+    from megatune.convert.testing import make_tiny_model
+
+    model = make_tiny_model("qwen2", tmp_path / "tiny-qwen2", seed=0)
+    base = [sys.executable, "-m", "megatune.cli.main", "sft"]
+    cases = [(2, [*sft_argv(model, tmp_path / "out"), "--learning_rat", "1"]),
+             (2, sft_argv(model, tmp_path / "out", dataloader_num_workers=4)),  # accepted flag, refused value
+             (1, sft_argv(model, tmp_path / "out", resume_from_checkpoint=tmp_path / "missing"))]
+    for code, argv in cases:
+        proc = subprocess.run([*base, *argv], env=_env(), capture_output=True, text=True, timeout=300)
+        lines = _one_error_line(proc.stderr)
+        assert proc.returncode == code and len(lines) == 1, (code, proc.returncode, proc.stderr[-2000:])
+        assert lines[0].startswith("megatune sft: error: ")
+
+    for sig, code, words in ((signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")):
+        out = tmp_path / f"out-{code}"
+        proc = subprocess.Popen([*base, *sft_argv(model, out, max_steps=100000, save_steps=100000)], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while not list(out.glob("*/v*/logging.jsonl")) or not list(out.glob("*/v*/logging.jsonl"))[0].read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        lines = _one_error_line(err)
+        assert proc.returncode == code and len(lines) == 1 and words in lines[0], (sig, proc.returncode, err[-2000:])
