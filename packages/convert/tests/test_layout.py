@@ -15,20 +15,18 @@ from megatune.convert.layout import (
     interleave_qkv,
     layer_stage,
     padded_vocab_size,
-    reshard,
     shard,
     stage_layers,
     unshard,
 )
 from megatune.convert.plan import (
-    DictReader,
     hf_shape,
-    hf_to_full,
     part_row_ranges,
     parts_into,
     rank_part,
     stage_entries,
 )
+from megatune.convert.testing.oracle import DictReader, hf_to_full, reshard
 from megatune.convert.testing.strategies import model_shapes, stage_splits, tensors
 
 settings.register_profile("megatune", max_examples=60, deadline=None, database=None)

@@ -1,5 +1,8 @@
 """In-memory API used by megatune.train: one rank's Megatron-Core state dict, from HF or from a Megatron checkpoint
-of any tp/pp (re-sharded in memory), plus the checkpoint-layout helpers.
+of any tp/pp/ep (re-sharded in memory), plus the checkpoint-layout helpers.
+
+Expert parallelism: ep rank e holds the routed experts e*E/ep .. (e+1)*E/ep - 1 (local indices 0..E/ep - 1) and
+every non-expert parameter; expert weights are tensor-parallel split like a dense MLP (expert TP = tp).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from pathlib import Path
 
 import torch
 from megatune.convert.arch import check_parallel, shape_of
+from megatune.convert.ckpt_layout import rank_record
 from megatune.convert.errors import ConvertError
 from megatune.convert.hf_io import HFReader, read_config
 from megatune.convert.layout import padded_vocab_size, stage_layers
@@ -65,19 +69,23 @@ def hf_to_megatron_rank(
     dtype: str | torch.dtype | None = None,
     make_vocab_size_divisible_by: int = 128,
     layers_per_stage: Sequence[int] | None = None,
+    ep: int = 1,
+    ep_rank: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """One rank's GPTModel state dict (local layer indices), reading only that rank's slices of the HF tensors."""
+    """One rank's GPTModel state dict (local layer and expert indices), reading only that rank's slices of the HF
+    tensors."""
     if naming not in ("local", "te"):
         raise ConvertError(f"naming must be 'local' or 'te', got {naming!r}")
     cfg = read_config(Path(hf_dir))
-    shape = shape_of(cfg)
-    check_parallel(shape, tp, where=str(Path(hf_dir) / "config.json"))
+    where = str(Path(hf_dir) / "config.json")
+    shape = shape_of(cfg, where)
+    check_parallel(shape, tp, where, ep)
     counts = resolve_layers_per_stage(shape.layers, pp, layers_per_stage)
     padded = padded_vocab_size(shape.vocab, make_vocab_size_divisible_by, tp)
     to = resolve_dtype(dtype)
     reader = HFReader(hf_dir)
     out = {}
-    for e in stage_entries(shape, counts, pp_rank, naming):
+    for e in stage_entries(shape, counts, pp_rank, naming, ep=ep, ep_rank=ep_rank):
         t = rank_part(e, reader, shape, tp, tp_rank, padded)
         out[e.name] = t.to(to) if to is not None else t
     return out
@@ -91,19 +99,22 @@ def load_megatron_rank(
     tp_rank: int,
     pp_rank: int,
     iteration: int | str | None = None,
+    ep: int = 1,
+    ep_rank: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """One rank's `model` state dict; re-sharded in memory when the checkpoint's tp/pp differ from (tp, pp)."""
+    """One rank's `model` state dict; re-sharded in memory when the checkpoint's tp/pp/ep differ from (tp, pp, ep)."""
     meta = read_meta(ckpt_dir)
     iteration = read_latest(ckpt_dir) if iteration is None else iteration
-    if (meta["tp"], meta["pp"]) == (tp, pp):
-        return dict(load_rank_file(rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp), mmap=False)["model"])
+    if (meta["tp"], meta["pp"], meta.get("ep", 1)) == (tp, pp, ep):
+        path = rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp, ep_rank, ep)
+        return dict(load_rank_file(path, mmap=False, rank=rank_record(tp, tp_rank, pp, pp_rank, ep, ep_rank))["model"])
     reader = MegatronReader(ckpt_dir, iteration, meta)
     shape = reader.dims
-    check_parallel(shape, tp, where=str(Path(ckpt_dir) / META))
+    check_parallel(shape, tp, str(Path(ckpt_dir) / META), ep)
     counts = meta["layers_per_stage"] if pp == meta["pp"] else resolve_layers_per_stage(shape.layers, pp)
     padded = padded_vocab_size(shape.vocab, meta["make_vocab_size_divisible_by"], tp)
     out = {}
-    for e in stage_entries(shape, counts, pp_rank, meta["naming"]):
+    for e in stage_entries(shape, counts, pp_rank, meta["naming"], ep=ep, ep_rank=ep_rank):
         out[e.name] = rank_part(e, reader, shape, tp, tp_rank, padded).clone()  # own memory, not the file maps
     reader.release()
     return out

@@ -87,7 +87,7 @@ def hf_to_megatron(
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg = read_config(hf_dir)
     arch = architecture(cfg, where=str(hf_dir / "config.json"))
-    shape = shape_of(cfg)
+    shape = shape_of(cfg, where=str(hf_dir / "config.json"))
     check_parallel(shape, tp, where=str(hf_dir / "config.json"))
     counts = resolve_layers_per_stage(shape.layers, pp, layers_per_stage)
     padded = padded_vocab_size(shape.vocab, make_vocab_size_divisible_by, tp)

@@ -1,32 +1,30 @@
-"""Which parameters live on which (tp, pp) rank, with which shape, and how each rank's part is cut from HF tensors.
+"""Which parameters live on which (tp, pp, ep) rank, with which shape, and how each rank's part is cut from HF
+tensors: the family row (families.py) says what exists, the split kind and merge (splits.py) say how it is laid
+out, and every function here derives from those two.
 
-`rank_part` reads only the rows/columns a rank needs (a `Reader` serves slices, e.g. safetensors `get_slice`), so
-building one rank touches about 1/tp of each tensor. It must equal `shard(kind, hf_to_full(...))[rank]`; the tests
-check that equivalence. Apart from the reader callback everything here is pure.
+`rank_part` reads only the rows/columns a rank needs (a `Reader` serves slices), so building one rank touches about
+1/tp of each tensor; `parts_into` reads all tp parts straight into a caller's buffer; `part_row_ranges` says where
+an HF tensor's rows lie in the rank parts (what reading a Megatron checkpoint back needs). Apart from the reader
+callbacks everything here is pure.
+
+Expert parallelism: the routed experts of a layer are split contiguously over ep ranks (global expert
+e = ep_rank * experts/ep + local index j); every other parameter is held by every ep rank.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Protocol
 
 import torch
-from megatune.convert.arch import EMBEDDING, FINAL_NORM, LAYER_PARAMS, OUTPUT, OUTPUT_TIED, Param, Shape
-from megatune.convert.layout import (
-    COLUMN,
-    FC1,
-    REPLICATED,
-    ROW,
-    VOCAB,
-    chunk_bounds,
-    deinterleave_qkv,
-    interleave_qkv,
-    merge_gate_up,
-    split_gate_up,
-    stage_offsets,
-)
+from megatune.convert.errors import ConvertError
+from megatune.convert.families import BY_NAME, EMBEDDING, FINAL_NORM, OUTPUT, OUTPUT_TIED, Param, Shape
+from megatune.convert.layout import stage_offsets
+from megatune.convert.splits import Sizes, gather, placements, source_segments
 
 
 class Reader(Protocol):
@@ -45,33 +43,69 @@ class IntoReader(Reader, Protocol):
 
 @dataclass(frozen=True)
 class Entry:
-    """One Megatron parameter on one PP stage: its stage-local name, its table row, its global HF names."""
+    """One Megatron parameter on one PP stage: its stage-local name, its table row, its global HF names and their
+    shapes, and the expert-parallel rank holding it (None: every ep rank)."""
 
     name: str
     param: Param
     hf_names: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    ep_rank: int | None = None
 
 
-def stage_entries(shape: Shape, counts: Sequence[int], stage: int, naming: str = "local") -> list[Entry]:
-    """The parameters of PP stage `stage` (local layer indices), in the order Megatron's state dict lists them."""
+def _entry(p: Param, name: str, hf: Sequence[str], shape: Shape, ep_rank: int | None = None) -> Entry:
+    return Entry(name, p, tuple(hf), tuple(shape.dims(d) for d in p.dims), ep_rank)
+
+
+def _present(p: Param, shape: Shape, layer: int) -> bool:
+    if p.when and not getattr(shape, p.when):
+        return False
+    return p.layers is None or (p.layers == "moe") == shape.is_moe_layer(layer)
+
+
+def _layer_entries(shape: Shape, layer: int, local: int, naming: str, ep: int, ep_rank: int | None) -> list[Entry]:
+    params = [p for p in shape.row.layer_params if _present(p, shape, layer)]
+    out, i = [], 0
+    while i < len(params):
+        if not params[i].expert:
+            p = params[i]
+            out.append(_entry(p, f"decoder.layers.{local}.{p.name(naming)}",
+                              [f"model.layers.{layer}.{h}" for h in p.hf], shape))
+            i += 1
+            continue
+        group = []  # consecutive expert parameters: expert-major order, as megatron-core's SequentialMLP lists them
+        while i < len(params) and params[i].expert:
+            group.append(params[i])
+            i += 1
+        per = shape.experts // ep
+        for e in range(shape.experts):
+            owner, j = divmod(e, per)
+            if ep_rank is None or owner == ep_rank:
+                for p in group:
+                    out.append(_entry(p, f"decoder.layers.{local}.{p.name(naming)}".replace("{j}", str(j)),
+                                      [f"model.layers.{layer}.{h}".replace("{e}", str(e)) for h in p.hf], shape, owner))
+    return out
+
+
+def stage_entries(shape: Shape, counts: Sequence[int], stage: int, naming: str = "local", *, ep: int = 1,
+                  ep_rank: int | None = 0) -> list[Entry]:
+    """The parameters of PP stage `stage` on expert-parallel rank `ep_rank` (local layer and expert indices), in the
+    order Megatron's state dict lists them. ep_rank=None: the parameters of every ep rank of the stage."""
+    if ep > 1 and (not shape.experts or shape.experts % ep):
+        raise ConvertError(f"cannot split {shape.experts} experts over ep={ep}; choose an ep that divides them")
     pp = len(counts)
     offset = stage_offsets(list(counts))[stage]
     out = []
     if stage == 0:
-        out.append(Entry(EMBEDDING.local, EMBEDDING, EMBEDDING.hf))
+        out.append(_entry(EMBEDDING, EMBEDDING.local, EMBEDDING.hf, shape))
     for local in range(counts[stage]):
-        layer = offset + local
-        for p in LAYER_PARAMS:
-            if p.when and not getattr(shape, p.when):
-                continue
-            out.append(Entry(f"decoder.layers.{local}.{p.name(naming)}", p,
-                             tuple(f"model.layers.{layer}.{h}" for h in p.hf)))
+        out += _layer_entries(shape, offset + local, local, naming, ep, ep_rank)
     if stage == pp - 1:
-        out.append(Entry(FINAL_NORM.local, FINAL_NORM, FINAL_NORM.hf))
+        out.append(_entry(FINAL_NORM, FINAL_NORM.local, FINAL_NORM.hf, shape))
         if not shape.tied:
-            out.append(Entry(OUTPUT.local, OUTPUT, OUTPUT.hf))
+            out.append(_entry(OUTPUT, OUTPUT.local, OUTPUT.hf, shape))
         elif pp > 1:  # megatron-core keeps a copy of the tied embedding on the last stage
-            out.append(Entry(OUTPUT_TIED.local, OUTPUT_TIED, OUTPUT_TIED.hf))
+            out.append(_entry(OUTPUT_TIED, OUTPUT_TIED.local, OUTPUT_TIED.hf, shape))
     return out
 
 
@@ -79,180 +113,70 @@ def is_tied_copy(entry: Entry) -> bool:
     return entry.param is OUTPUT_TIED
 
 
-# ---------------------------------------------------------------- format: HF tensors <-> full Megatron tensor
-def hf_to_full(entry: Entry, tensors: Sequence[torch.Tensor], shape: Shape) -> torch.Tensor:
-    if entry.param.fmt == "qkv":
-        return interleave_qkv(*tensors, groups=shape.groups)
-    if entry.param.fmt == "gate_up":
-        return merge_gate_up(*tensors)
-    return tensors[0]
-
-
-def full_to_hf(entry: Entry, full: torch.Tensor, shape: Shape) -> dict[str, torch.Tensor]:
-    if entry.param.fmt == "qkv":
-        parts = deinterleave_qkv(full, shape.heads, shape.groups, shape.head_dim)
-    elif entry.param.fmt == "gate_up":
-        parts = split_gate_up(full)
-    else:
-        parts = (full,)
-    return {n: t.contiguous() for n, t in zip(entry.hf_names, parts)}
+def sizes(shape: Shape, tp: int, padded_vocab: int | None) -> Sizes:
+    return Sizes(tp, padded_vocab, shape.groups)
 
 
 # ---------------------------------------------------------------- one rank's part, read by slices
-def rank_shape(entry: Entry, hf_shape: tuple[int, ...], shape: Shape, tp: int, padded_vocab: int) -> tuple[int, ...]:
-    """Shape of the rank part, from the shape of the entry's first HF tensor."""
-    kind, rest = entry.param.kind, tuple(hf_shape[1:])
-    if entry.param.fmt == "qkv":
-        return (shape.qkv_rows // tp, *rest)
-    if kind == REPLICATED:
-        return tuple(hf_shape)
-    if kind == ROW:
-        return (hf_shape[0], hf_shape[1] // tp)
-    if kind == FC1:
-        return (2 * hf_shape[0] // tp, *rest)
-    if kind == VOCAB:
-        return (padded_vocab // tp, *rest)
-    return (hf_shape[0] // tp, *rest)
+def rank_shape(entry: Entry, hf0: tuple[int, ...], shape: Shape, tp: int, padded_vocab: int) -> tuple[int, ...]:
+    """Shape of a rank's part. `hf0`, the shape of the entry's first HF tensor as stored, must be the row's."""
+    assert tuple(hf0) == entry.hf_shapes[0], (entry.hf_names[0], tuple(hf0), entry.hf_shapes[0])
+    p, s = entry.param, sizes(shape, tp, padded_vocab)
+    return p.kind.rank_shape(p.fmt.full_shape(entry.hf_shapes, s), s)
 
 
 def rank_part(entry: Entry, reader: Reader, shape: Shape, tp: int, rank: int, padded_vocab: int) -> torch.Tensor:
     p, names = entry.param, entry.hf_names
-    if p.fmt == "qkv":
-        return _qkv_part(names, reader, shape, tp, rank)
-    if p.kind == REPLICATED:
-        return reader.read(names[0])
-    if p.kind == ROW:
-        a, b = chunk_bounds(reader.shape(names[0])[1], tp, rank)
-        return reader.read(names[0], 1, a, b)
-    if p.kind == FC1:
-        a, b = chunk_bounds(reader.shape(names[0])[0], tp, rank)
-        return torch.cat([reader.read(names[0], 0, a, b), reader.read(names[1], 0, a, b)])  # [gate_i; up_i]
-    if p.kind == VOCAB:
-        vocab = reader.shape(names[0])[0]
-        a, b = chunk_bounds(padded_vocab, tp, rank)
-        real = reader.read(names[0], 0, min(a, vocab), min(b, vocab))  # (rows <= b-a, h)
-        if real.shape[0] == b - a:
-            return real
-        return torch.cat([real, real.new_zeros(b - a - real.shape[0], *real.shape[1:])])
-    assert p.kind == COLUMN, p
-    a, b = chunk_bounds(reader.shape(names[0])[0], tp, rank)
-    return reader.read(names[0], 0, a, b)
-
-
-def _qkv_part(names: Sequence[str], reader: Reader, shape: Shape, tp: int, rank: int) -> torch.Tensor:
-    """Rows [a, b) of the group-major fused QKV, built group by group from q/k/v row slices.
-    With tp > groups the chunk is a fraction of one group (see layout.py); the group is read whole then cut."""
-    hd, qpg = shape.head_dim, shape.heads // shape.groups
-    size = (qpg + 2) * hd  # rows per query group
-    a, b = chunk_bounds(shape.groups * size, tp, rank)
-    blocks = []
-    for g in range(a // size, -(-b // size)):
-        q = reader.read(names[0], 0, g * qpg * hd, (g + 1) * qpg * hd)
-        k = reader.read(names[1], 0, g * hd, (g + 1) * hd)
-        v = reader.read(names[2], 0, g * hd, (g + 1) * hd)
-        block = torch.cat([q, k, v])  # (size, ...)
-        blocks.append(block[max(a, g * size) - g * size: min(b, (g + 1) * size) - g * size])
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    return gather(p.kind, p.fmt, entry.hf_shapes, sizes(shape, tp, padded_vocab), 0 if p.kind.copies else rank,
+                  lambda src, dim, a, b: reader.read(names[src], dim, a, b))
 
 
 def parts_into(entry: Entry, reader: IntoReader, shape: Shape, tp: int, padded_vocab: int, buf: torch.Tensor,
                dtype: torch.dtype) -> list[torch.Tensor]:
-    """All tp parts of `entry`, == shard(kind, hf_to_full(...)), read straight into `buf` (uint8, reused across
+    """All tp parts of `entry`, == shard(kind, merged HF tensors), read straight into `buf` (uint8, reused across
     entries) in rank order: no full tensor is built and nothing is concatenated, so each byte is copied once."""
-    p, names = entry.param, entry.hf_names
-    hf0 = reader.shape(names[0])
-    part = rank_shape(entry, hf0, shape, tp, padded_vocab)
-    n = 1 if p.kind == REPLICATED else tp
-    size = n * math.prod(part)
-    flat = buf[:size * dtype.itemsize].view(dtype)
+    p, names, s = entry.param, entry.hf_names, sizes(shape, tp, padded_vocab)
+    part = rank_shape(entry, entry.hf_shapes[0], shape, tp, padded_vocab)
+    n = p.kind.parts(tp)
+    flat = buf[:n * math.prod(part) * dtype.itemsize].view(dtype)
     parts = list(flat.view(n, *part).unbind(0))
-    if p.kind == ROW:  # rank t holds columns block t of every row
+    segments = source_segments(p.kind, p.fmt, entry.hf_shapes, s)
+    if p.kind.dim == 0:
+        rows = flat.view(-1, *part[1:])  # the parts stacked along dim 0: filled by source row ranges, in order
+        at = 0
+        for src, a, b in segments:
+            if src is None:
+                rows[at:at + b - a].zero_()
+            else:
+                reader.read_rows_into(names[src], a, b, rows[at:at + b - a])
+            at += b - a
+        assert at == rows.shape[0], (entry.name, at, rows.shape)
+    else:  # split along dim 1: each source row is cut into the parts' column blocks (a scatter read)
+        assert [(src, a, b) for src, a, b in segments] == [(0, 0, entry.hf_shapes[0][1])], (entry.name, segments)
         reader.read_cols_into(names[0], parts)
-        return parts
-    rows = flat.view(-1, *part[1:])  # the parts stacked along dim 0: filled by HF row ranges, in order
-    at = 0
-    for name, a, b in _row_segments(entry, shape, tp, padded_vocab, hf0):
-        if name is None:
-            rows[at:at + b - a].zero_()
-        else:
-            reader.read_rows_into(name, a, b, rows[at:at + b - a])
-        at += b - a
-    assert at == rows.shape[0], (entry.name, at, rows.shape)
-    return parts * tp if p.kind == REPLICATED else parts
-
-
-def _row_segments(entry: Entry, shape: Shape, tp: int, padded_vocab: int, hf0: tuple[int, ...]):
-    """(hf name, start, stop) row ranges whose concatenation is the entry's parts stacked in rank order;
-    name None is zero rows (vocab padding)."""
-    p, names = entry.param, entry.hf_names
-    if p.fmt == "qkv":  # the full fused tensor is group-major [q_g; k_g; v_g]; the parts are its tp chunks
-        hd, qpg = shape.head_dim, shape.heads // shape.groups
-        for g in range(shape.groups):
-            yield names[0], g * qpg * hd, (g + 1) * qpg * hd
-            yield names[1], g * hd, (g + 1) * hd
-            yield names[2], g * hd, (g + 1) * hd
-    elif p.kind == FC1:  # rank t: [gate_t; up_t]
-        for t in range(tp):
-            a, b = chunk_bounds(hf0[0], tp, t)
-            yield names[0], a, b
-            yield names[1], a, b
-    elif p.kind == VOCAB:
-        yield names[0], 0, hf0[0]
-        yield None, hf0[0], padded_vocab
-    else:  # column (parts are consecutive row chunks) or replicated (one copy)
-        yield names[0], 0, hf0[0]
+    return parts * tp if p.kind.copies else parts
 
 
 def part_row_ranges(entry: Entry, hf_name: str, shape: Shape, tp: int, padded_vocab: int) -> list[tuple[int, int, int]]:
-    """Where HF tensor `hf_name`'s dim-0 rows lie in the entry's stored parts: (rank, start, stop) in HF row order.
-    The inverse of `parts_into`, derived from the same `_row_segments` (not for ROW kind: split along dim 1)."""
-    hf0 = hf_shape(entry.hf_names[0], shape)
-    per = rank_shape(entry, hf0, shape, tp, padded_vocab)[0]  # rows per part
-    out, at = [], 0
-    for name, a, b in _row_segments(entry, shape, tp, padded_vocab, hf0):
-        s, end = at, at + b - a
-        while name == hf_name and s < end:  # split the stacked range at part boundaries
-            t, r = divmod(s, per)
-            n = min(per - r, end - s)
-            out.append((t, r, r + n))
-            s += n
-        at += b - a
-    return out
+    """Where HF tensor `hf_name`'s slices along the kind's dim lie in the entry's stored parts: (rank, start, stop)
+    in HF order (rows for dim-0 kinds, columns for the row kind). The inverse of `parts_into`."""
+    src = entry.hf_names.index(hf_name)
+    p = entry.param
+    return [(q.rank, q.at, q.at + q.stop - q.start)
+            for q in placements(p.kind, p.fmt, entry.hf_shapes, sizes(shape, tp, padded_vocab)) if q.source == src]
 
 
-class DictReader:
-    """A Reader over in-memory tensors (tests, and resharding already-loaded checkpoints)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        t = self.tensors[name]
-        return t if start is None else t.narrow(dim, start, stop - start)
-
-    def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(self.tensors[name][start:stop])
-
-    def read_cols_into(self, name: str, outs: list[torch.Tensor]) -> None:
-        for o, t in zip(outs, torch.chunk(self.tensors[name], len(outs), dim=1)):
-            o.copy_(t)
+# ---------------------------------------------------------------- HF shapes, from the row
+@cache
+def _hf_rules(family: str) -> dict[str, tuple[str | int, ...]]:
+    """HF name pattern ({e} for an expert index; per-layer names relative to the layer) -> shape rule."""
+    return {h: d for p in BY_NAME[family].params for h, d in zip(p.hf, p.dims)}
 
 
 def hf_shape(hf_name: str, shape: Shape) -> tuple[int, ...]:
     """Shape of an HF tensor, from the config alone (the HF writer needs every shape before the first byte)."""
-    s, h = shape, shape.hidden
-    q, kv = s.heads * s.head_dim, s.groups * s.head_dim
     suffix = hf_name.split(".", 3)[-1] if hf_name.startswith("model.layers.") else hf_name
-    table = {
-        "model.embed_tokens.weight": (s.vocab, h), "lm_head.weight": (s.vocab, h), "model.norm.weight": (h,),
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
-        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-        "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (s.head_dim,),
-        "self_attn.k_norm.weight": (s.head_dim,),
-        "mlp.gate_proj.weight": (s.ffn, h), "mlp.up_proj.weight": (s.ffn, h), "mlp.down_proj.weight": (h, s.ffn),
-    }
-    return table[suffix]
+    rule = _hf_rules(shape.family).get(re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.{e}.", suffix))
+    if rule is None:
+        raise ConvertError(f"no parameter of the {shape.row.hf_class} family maps to HF tensor {hf_name!r}")
+    return shape.dims(rule)

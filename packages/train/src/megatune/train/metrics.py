@@ -1,6 +1,7 @@
 """Throughput numbers for logging.jsonl: tokens/s, model FLOPs utilisation (MFU), memory.
 
-MFU = achieved model FLOPs / device peak, with training FLOPs per token = 6N + 12·L·h·S (N matmul parameters, L layers,
+MFU = achieved model FLOPs / device peak, with training FLOPs per token = 6N + 12·L·h·S (N matmul parameters counted
+from the model's family row, for MoE the top-k routed experts only; L layers,
 h hidden size, S sequence length; the second term is attention's QK^T and AV, forward + backward, PaLM appendix B).
 The peak is the dense bf16/fp16 tensor-core figure of the GPU model (fp32 runs use the TF32 figure). On CPU there is
 no meaningful peak, so `mfu` is null there and `tflops` (achieved, per process) is still reported.
@@ -8,11 +9,14 @@ no meaningful peak, so `mfu` is null there and `tflops` (achieved, per process) 
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 from typing import Any
 
 import torch
+from megatune.convert.families import FAMILIES, Shape, shape_of
+from megatune.convert.plan import stage_entries
 
 # dense (no sparsity) peak TFLOP/s per device: (bf16/fp16, tf32)
 _PEAK_TFLOPS = {
@@ -29,30 +33,37 @@ _PEAK_TFLOPS = {
 }
 
 
-def count_parameters(hf_config: dict) -> int:
-    """Parameters of a Llama-style decoder from its HF config (embeddings and output layer included)."""
-    h = int(hf_config["hidden_size"])
-    layers = int(hf_config["num_hidden_layers"])
-    heads = int(hf_config["num_attention_heads"])
-    kv = int(hf_config.get("num_key_value_heads") or heads)
-    head_dim = int(hf_config.get("head_dim") or h // heads)
-    ffn = int(hf_config["intermediate_size"])
-    vocab = int(hf_config["vocab_size"])
-    qkv = h * (heads + 2 * kv) * head_dim
-    if hf_config.get("attention_bias") or hf_config.get("model_type") == "qwen2":
-        qkv += (heads + 2 * kv) * head_dim
-    per_layer = qkv + heads * head_dim * h + 3 * h * ffn + 2 * h
-    if hf_config.get("model_type") == "qwen3":  # q/k RMSNorm
-        per_layer += 2 * head_dim
-    embeddings = vocab * h * (1 if hf_config.get("tie_word_embeddings") else 2)
-    return layers * per_layer + embeddings + h
+def _shape(hf_config: dict) -> Shape:
+    """The family row's view of an HF config; a config naming no architecture is read by its model_type (Llama
+    when that names none either)."""
+    if not hf_config.get("architectures"):
+        fam = next((f for f in FAMILIES.values() if f.model_type == hf_config.get("model_type")),
+                   FAMILIES["LlamaForCausalLM"])
+        hf_config = {**hf_config, "architectures": [fam.hf_class]}
+    return shape_of(hf_config)
+
+
+def count_parameters(hf_config: dict, *, active: bool = False) -> int:
+    """Parameters of the model from its family row (embeddings and output layer included). active=True counts, of
+    the routed experts, only the top-k that each token passes through."""
+    shape = _shape(hf_config)
+    dense = experts = 0
+    for e in stage_entries(shape, [shape.layers], 0):
+        n = sum(math.prod(d) for d in e.hf_shapes)
+        if e.param.expert:
+            experts += n
+        else:
+            dense += n
+    return dense + (experts * shape.topk // shape.experts if active and shape.experts else experts)
 
 
 def matmul_parameters(hf_config: dict) -> int:
-    """N of the FLOPs formula: parameters that take part in a matmul per token. The input embedding is a lookup,
-    so an untied model's embedding does not count; the output projection (tied or not) does, as in Megatron-LM."""
-    lookup = 0 if hf_config.get("tie_word_embeddings") else int(hf_config["vocab_size"]) * int(hf_config["hidden_size"])
-    return count_parameters(hf_config) - lookup
+    """N of the FLOPs formula: parameters that take part in a matmul per token (for MoE: the top-k experts only).
+    The input embedding is a lookup, so an untied model's embedding does not count; the output projection (tied or
+    not) does, as in Megatron-LM."""
+    shape = _shape(hf_config)
+    lookup = 0 if shape.tied else shape.vocab * shape.hidden
+    return count_parameters(hf_config, active=True) - lookup
 
 
 def flops_per_token(hf_config: dict, seq_length: int) -> float:

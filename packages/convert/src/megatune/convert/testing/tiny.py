@@ -1,4 +1,4 @@
-"""Random-weight HF checkpoints of every supported architecture, small enough for CI.
+"""Random-weight HF checkpoints of every supported architecture (dense and MoE), small enough for CI.
 
 `config.json` is written in the layout real hub checkpoints use (`rope_theta`, `rope_scaling`,
 `tie_word_embeddings`), not re-serialised by whatever transformers version is installed, so the converter is
@@ -52,7 +52,30 @@ _ARCHS = {
         "head_dim": 16, "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
         "max_window_layers": 4, "tie_word_embeddings": False,
     },
+    # MoE: a few experts; Qwen2-MoE has a dense layer (mlp_only_layers) and a gated shared expert, and leaves
+    # qkv_bias to its class default (true), as the hub's Qwen2-57B-A14B config.json does.
+    "qwen2_moe": {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": [1],
+        "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "use_sliding_window": False, "sliding_window": None,
+        "max_window_layers": 4, "tie_word_embeddings": False,
+    },
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "head_dim": 16, "attention_bias": False, "num_experts": 8, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+        "router_aux_loss_coef": 0.001, "use_sliding_window": False, "sliding_window": None, "max_window_layers": 4,
+        "tie_word_embeddings": False,
+    },
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0, "sliding_window": None,
+        "tie_word_embeddings": False,
+    },
 }
+MOE_ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral")
 
 TINY_ARCHS = tuple(_ARCHS)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,11 +117,21 @@ def make_tiny_model(
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32)
-    state = {k: v.detach().to(_DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(_DTYPES[dtype]).contiguous() for k, v in _hub_layout(model).items()}
     if config["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)  # tied checkpoints on the hub store only the embedding
     _save_safetensors(state, out, num_shards, save_file)
     return out
+
+
+def _hub_layout(model) -> dict:
+    """The state dict under the names hub checkpoints use: transformers >= 5 keeps MoE experts fused in 3-D tensors
+    and splits them back per expert when saving (revert_weight_conversion); older versions store them per expert."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return model.state_dict()
+    return revert_weight_conversion(model, model.state_dict())
 
 
 def _save_safetensors(state: dict, out: Path, num_shards: int, save_file) -> None:
