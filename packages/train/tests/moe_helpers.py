@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-VOCAB = 1000
+VOCAB = 1024  # a multiple of 128 x tp: no padded vocab rows (they would enter the CE softmax)
 _BASE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
              max_position_embeddings=512, hidden_act="silu", initializer_range=0.02, vocab_size=VOCAB,
              rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, use_cache=False)

@@ -13,13 +13,16 @@ all (non-padding) tokens, N tokens and L MoE layers,
 It couples all layers through C, so megatron-core's per-layer losses ("aux_loss", "seq_aux_loss",
 "global_aux_loss") cannot express it. C carries no gradient, so d aux / d P_e = E C_e / (L N)^2: each router
 only needs the final C before its backward runs. Each stage keeps a `Record` per micro-batch (counts and
-probability sums of its layers); when the stage's backward starts (`_StageSync`, on the decoder's output) it sums
-its counts over the TP ranks (sequence parallelism splits the tokens), receives the counts of all later pipeline
-stages from the next stage, adds its own and sends the total to the previous stage (a side process group per
-pipeline, so these messages never mix with megatron-core's activation p2p), then every router of the stage turns
-that into its gradient (`_LossHook`). Backward order is forward order on every stage, so no bookkeeping of
-micro-batch ids is needed; with full activation recomputation the routers re-run inside the backward and attach
-to the record being back-propagated.
+probability sums of its layers). When the stage's forward of a micro-batch ends it sums its counts over the TP
+ranks (sequence parallelism splits the tokens), receives the counts of all earlier pipeline stages from the
+previous stage and sends them, plus its own, to the next. When its backward starts (`StageSync`, on the decoder's
+output) it receives the counts of all later stages from the next stage and sends them, plus its own, to the
+previous one; every router of the stage then turns the total into its gradient (`_LossHook`). These messages are
+E floats on a gloo side group per pipeline (host tensors: they never mix with megatron-core's activation p2p or
+its CUDA streams), and each arrives before it is awaited: a stage's forward (backward) message is sent before its
+activation (gradient) that the receiver needs first. Backward order is forward order on every stage, so no
+bookkeeping of micro-batch ids is needed; with full activation recomputation the routers re-run inside the
+backward and attach to the record being back-propagated.
 
 Objective: cross-entropy mean over the global batch's loss tokens + coeff * mean over micro-batches and DP ranks
 of each micro-batch's aux (HF's Trainer gives every micro-batch its own aux in the same way) + z_coeff * sum over
@@ -48,6 +51,8 @@ class Record:
     psums: dict = dataclasses.field(default_factory=dict)  # layer_number -> [E] sum of softmax probabilities
     zsums: dict = dataclasses.field(default_factory=dict)  # layer_number -> sum of logsumexp^2
     tokens: float = 0.0  # N: non-padding tokens of the whole micro-batch (all TP ranks)
+    stage_counts: torch.Tensor | None = None  # [E] this stage's layers, summed over TP ranks
+    earlier_counts: torch.Tensor | None = None  # [E] (host) all earlier pipeline stages
     aux_grad: torch.Tensor | None = None  # d(scaled aux)/d psum, set when the stage's backward starts
     z_grad: float = 0.0
 
@@ -78,12 +83,28 @@ class MoEBook:
             torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
         self.records, self.step_scale = [], float(t[0]) / max(float(t[1]), 1.0)
 
-    def batches(self, microbatches: list[dict]):
-        """The micro-batches, noting each one's padding mask (document_ids >= 0) as the schedule draws it."""
-        for mb in microbatches:
-            doc = mb.get("document_ids")
-            self.token_mask = None if doc is None else (doc >= 0).to(self.device)
-            yield mb
+    def wrap_forward_step(self, forward_step):
+        """`forward_step` whose data iterator notes each micro-batch's padding mask (document_ids >= 0) as the
+        schedule draws it, so the routers leave padding out of the aux loss as HF's attention_mask does."""
+        book = self
+
+        class Noting:
+            def __init__(self, it):
+                self.it = it
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                mb = next(self.it)
+                doc = mb.get("document_ids") if isinstance(mb, dict) else None
+                book.token_mask = None if doc is None else (doc >= 0).to(book.device)
+                return mb
+
+        def step(data_iterator, model):
+            return forward_step(Noting(data_iterator), model)
+
+        return step
 
     # ---------------------------------------------------------------------------------------------- forward
     def open_record(self) -> Record:
@@ -93,12 +114,21 @@ class MoEBook:
         return rec
 
     def close_record(self, rec: Record, output: torch.Tensor) -> None:
+        """End of this stage's forward of a micro-batch: token count, stage counts, counts of earlier stages."""
         s_local, b = output.shape[0], output.shape[1]
         if self.token_mask is not None:
             rec.tokens = float(self.token_mask.sum())
         else:
             rec.tokens = float(s_local * b * (ps.get_tensor_model_parallel_world_size() if self.sequence_parallel
                                               else 1))
+        counts = torch.zeros(self.num_experts, dtype=torch.float32, device=self.device)
+        for c in rec.counts.values():
+            counts += c
+        if self.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
+        rec.stage_counts = counts
+        if self.side_group is not None:
+            rec.earlier_counts = self._exchange(counts, backward=False)
 
     def local_mask(self, s_local: int, b: int) -> torch.Tensor | None:
         """This rank's slice of the token mask in the router's [s_local * b] token order (sequence-first)."""
@@ -118,19 +148,10 @@ class MoEBook:
     def start_backward(self, rec: Record) -> None:
         """Counts of every layer of the model for this micro-batch -> each router's gradient (module docstring)."""
         self.backward_record = rec
-        counts = torch.zeros(self.num_experts, dtype=torch.float32, device=self.device)
-        for c in rec.counts.values():
-            counts += c
-        if self.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
+        counts = rec.stage_counts
         if self.side_group is not None:
-            if not ps.is_pipeline_last_stage():
-                later = torch.empty_like(counts)
-                torch.distributed.recv(later, src=ps.get_pipeline_model_parallel_next_rank(), group=self.side_group)
-                counts += later
-            if not ps.is_pipeline_first_stage():
-                self.pending.append(torch.distributed.isend(counts.clone(), dst=ps.get_pipeline_model_parallel_prev_rank(),
-                                                            group=self.side_group))
+            later = self._exchange(counts, backward=True)
+            counts = counts + (rec.earlier_counts + later).to(self.device)
         if self.step_scale is None:
             raise TrainError("MoE losses: no step scale; call MoEBook.begin_step(microbatches) before the backward "
                              "pass (megatune.train.moe_step.train_step does)")
@@ -140,9 +161,25 @@ class MoEBook:
         rec.aux_grad = counts * (scale * self.aux_coeff * self.num_experts / (self.moe_layers * n) ** 2)
         rec.z_grad = scale * self.z_coeff / n
 
+    def _exchange(self, stage_counts: torch.Tensor, *, backward: bool) -> torch.Tensor:
+        """Forward: receive the counts of all earlier stages from the previous stage and send them, plus this
+        stage's, to the next. Backward: the same with the later stages, towards the previous stage. Host tensors
+        on the gloo side group; the send is not awaited before end_step."""
+        prev = (ps.get_pipeline_model_parallel_prev_rank(), not ps.is_pipeline_first_stage())
+        nxt = (ps.get_pipeline_model_parallel_next_rank(), not ps.is_pipeline_last_stage())
+        (src, has_src), (dst, has_dst) = (nxt, prev) if backward else (prev, nxt)
+        received = torch.zeros(self.num_experts, dtype=torch.float32)
+        if has_src:
+            torch.distributed.recv(received, src=src, group=self.side_group, tag=int(backward))
+        if has_dst:
+            out = received + stage_counts.cpu()
+            self.pending.append((torch.distributed.isend(out, dst=dst, group=self.side_group, tag=int(backward)),
+                                 out))
+        return received
+
     def end_step(self) -> dict:
         """Aux loss, z-loss and expert load of the step, reduced over TP (SP), PP and DP; same on every rank."""
-        for work in self.pending:
+        for work, _tensor in self.pending:
             work.wait()
         self.pending = []
         e, m = self.num_experts, len(self.records)

@@ -14,8 +14,7 @@ Dense layers (Qwen's `mlp_only_layers` / `decoder_sparse_step`) keep the plain n
 `attach(model, book)` hooks the decoder so the MoEBook sees each micro-batch start and each backward begin
 (moe_router.py), and opens the pipeline side channel the aux-loss counts travel on.
 
-CPU mode: megatron-core's alltoall dispatcher moves its split sizes to the host on a CUDA side stream; on a machine
-without CUDA `_cpu_alltoall()` gives it the same moves without the stream (nothing else changes; never on GPU).
+CPU mode: moe_cpu.enable() lets megatron-core's alltoall dispatcher run without CUDA (see there).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
     get_transformer_layer_offset,
 )
-from megatune.train import cpu_mode
+from megatune.train import cpu_mode, moe_cpu
 from megatune.train.moe_experts import GroupedExperts
 from megatune.train.moe_router import HFRouter, MoEBook, StageSync
 from megatune.train.spec import RMSNorm, native_layer_spec
@@ -60,8 +59,8 @@ def moe_block_spec(config, qk_layernorm: bool, *, book: MoEBook, grouped_gemm: b
     pattern = config.moe_layer_freq
     if not isinstance(pattern, list) or len(pattern) != config.num_layers:
         raise ValueError(f"moe_layer_freq must be a list of {config.num_layers} 0/1 entries, got {pattern!r}")
-    if cpu_mode.is_cpu_mode() and config.moe_token_dispatcher_type == "alltoall":
-        _cpu_alltoall()
+    if cpu_mode.is_cpu_mode():
+        moe_cpu.enable()
     dense = native_layer_spec(qk_layernorm)
     sparse = moe_layer_spec(qk_layernorm, book=book, grouped_gemm=grouped_gemm)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
@@ -96,7 +95,8 @@ _SIDE_GROUPS: dict = {}
 
 
 def pipeline_side_group():
-    """A second process group over this rank's pipeline ranks (collective: every rank calls it, once per layout)."""
+    """A gloo process group over this rank's pipeline ranks for the aux-loss counts (collective: every rank calls
+    it, once per layout)."""
     dist = torch.distributed
     mine = tuple(dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()))
     key = (id(dist.group.WORLD), mine)  # groups die with the default group: one cache entry per process group
@@ -104,27 +104,8 @@ def pipeline_side_group():
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         for ranks in sorted(set(everyone)):
-            group = dist.new_group(list(ranks))
+            group = dist.new_group(list(ranks), backend="gloo")
             if ranks == mine:
                 _SIDE_GROUPS[key] = group
     return _SIDE_GROUPS[key]
 
-
-def _cpu_alltoall() -> None:
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher as A2A
-
-    if getattr(A2A, "_megatune_cpu", False):
-        return
-
-    def host_splits(self, point, tokens_per_expert=None):
-        # the CUDA version copies these to the host on a side stream at cuda_dtoh_point; here they already are
-        if not self.drop_and_pad and point == self.cuda_dtoh_point:
-            for name in ("input_splits", "output_splits", "output_splits_tp"):
-                value = getattr(self, name)
-                if torch.is_tensor(value):
-                    setattr(self, name, value.numpy())
-        return tokens_per_expert
-
-    A2A.cuda_dtoh_stream = "cpu"  # __init__ creates a torch.cuda.Stream() when this is None
-    A2A._maybe_dtoh_and_synchronize = host_splits
-    A2A._megatune_cpu = True
