@@ -89,3 +89,26 @@ def test_flops_and_mfu_formula():
     out = metrics.throughput(tokens=1000, seconds=2.0, world_size=2, flops_token=1e9, peak=1e12)
     assert out["tokens_per_sec"] == 500.0 and out["mfu"] == pytest.approx(0.25)
     assert metrics.throughput(tokens=1, seconds=1, world_size=1, flops_token=1, peak=None)["mfu"] is None
+
+
+def test_failure_line_names_the_first_failed_rank():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank, code):
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="")
+
+    killed = {1: failure(1, -9), 0: failure(0, -15)}  # rank 1 died first; the agent then stopped rank 0
+    line, code = launch._failure_line(killed)
+    assert code == 1 and line.startswith("rank 1 (pid 101) was killed by SIGKILL")
+    peer = {0: failure(0, launch.PEER_LOST_EXIT), 1: failure(1, -11)}  # the survivor noticed first: still rank 1
+    assert launch._failure_line(peer)[0].startswith("rank 1 (pid 101) was killed by SIGSEGV")
+    assert launch._failure_line({0: failure(0, 1), 1: failure(1, -15)}) == (None, 1)  # rank 0 printed its error
+    assert launch._failure_line({0: failure(0, 3)}) == ("rank 0 (pid 100) exited with code 3; the other ranks were "
+                                                        "stopped", 1)
+    assert "lost its connection" in launch._failure_line({0: failure(0, launch.PEER_LOST_EXIT)})[0]
+
+
+def test_relaunch_runs_ranks_through_the_launch_module():
+    cmd = launch.torchrun_command(["--dataset", "x.jsonl"], {"NPROC_PER_NODE": "2"}, module="megatune.train.launch",
+                                  quiet=True)
+    assert cmd[2] == "megatune.train.launch" and cmd[-4:-2] == ["-m", "megatune.train.launch"]

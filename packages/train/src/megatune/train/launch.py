@@ -3,21 +3,28 @@
 ms-swift reads NPROC_PER_NODE / NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT from the environment and, when either
 of the first two is set, re-executes itself under `torch.distributed.run`. We do the same so a swift command line
 works unchanged. Inside the children torchrun sets LOCAL_RANK, which is how we know not to re-launch again.
-Multi-node is plain torchrun + NCCL; nothing here is home-made rendezvous. The re-launch goes through
+Multi-node is plain torchrun + NCCL; nothing here is home-made rendezvous. The re-launch execs
 `python -m megatune.train.launch`, which is torchrun's parse_args/run with its failure report turned into the
 exit code, so bad input under torchrun still ends as the ranks' one `megatune sft: error:` line.
+
+Stopping: the launcher's pid becomes the agent's (exec), so SIGTERM / SIGHUP / Ctrl-C reach torchrun, which stops
+every rank; we exit 128 + the signal (143, 129, 130). Each rank runs this module too and asks the kernel to kill it
+when the agent dies (kill -9 of the launcher or its process group leaves no rank behind). When a rank is killed,
+the agent names it and its signal in one line, and the ranks that lost it as a peer exit without a traceback.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 LAUNCH_VARS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+AGENT_PID = "MEGATUNE_AGENT_PID"  # set by the torchrun agent for its ranks
 
 
 def should_relaunch(env: Mapping[str, str] | None = None) -> bool:
@@ -89,37 +96,99 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def relaunch(argv: Sequence[str]) -> int:
-    """Run ourselves under torchrun and return its exit code (Ctrl-C is forwarded by the shared process group)."""
-    cmd = torchrun_command(argv, quiet=True)
+def relaunch(argv: Sequence[str]) -> NoReturn:
+    """Become the torchrun agent (exec): a signal sent to this pid (`kill $!`, a scheduler's SIGTERM) reaches the
+    agent, which stops every rank and exits 128 + the signal; the ranks die with the agent even on kill -9."""
+    cmd = torchrun_command(argv, module=__name__, quiet=True)
     print("megatune sft: launching torchrun " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when `parent` dies (Linux prctl PR_SET_PDEATHSIG).
+
+    torchrun starts each rank in its own session, so a kill -9 of the launcher's process group never reaches the
+    ranks, and nothing else would stop them. If the parent is already gone, exit at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(128 + signal.SIGKILL)
+
+
+# gloo/NCCL errors a rank gets when another rank has died under it; the agent names the dead rank instead
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted")
+PEER_LOST_EXIT = 75  # a rank that lost a peer, exiting quietly so that the agent reports the cause
+
+
+def _worker_main(args: Sequence[str]) -> int:
+    """One rank: `megatune sft` (cli.main) bound to the agent's lifetime; a rank whose peer died stays quiet."""
+    die_with_parent(int(os.environ[AGENT_PID]))
+    from megatune.train import cli
+
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 130
+        return cli.main(list(args))
+    except Exception as e:
+        if any(text in str(e) for text in PEER_LOST):
+            return PEER_LOST_EXIT
+        raise
+
+
+def _failure_line(failures: Mapping[int, Any]) -> tuple[str | None, int]:
+    """(one line for the user or None, exit code) for torchrun's {global rank: ProcessFailure}.
+
+    torchrun records failures in the order it saw them: the first is the cause, the ranks after it were stopped by
+    the agent (SIGTERM) or lost it as a peer. A rank that exited 1, 2 or 130 printed its own line already."""
+    causes = [(rank, f) for rank, f in failures.items() if f.exitcode != PEER_LOST_EXIT]
+    if not causes:
+        return (f"rank {next(iter(failures))} lost its connection to another rank (did a rank on another node die?); "
+                "see the other nodes' output", 1)
+    rank, f = causes[0]
+    if f.exitcode < 0:
+        hint = " (out of memory? see `dmesg`)" if -f.exitcode == signal.SIGKILL else ""
+        return f"rank {rank} (pid {f.pid}) was killed by {f.signal_name()}{hint}; the other ranks were stopped", 1
+    if f.exitcode in (1, 2, 130):
+        return None, f.exitcode
+    return f"rank {rank} (pid {f.pid}) exited with code {f.exitcode}; the other ranks were stopped", 1
 
 
 def _torchrun_main(args: Sequence[str]) -> int:
-    """torchrun's own `main`, minus its failure report.
+    """torchrun's own `main`, minus its failure report and with signals turned into exit codes.
 
     When a rank exits non-zero, `torch.distributed.run.main` (decorated with @record) prints a 40-line
     ChildFailedError block. Our ranks already printed the one-line `megatune sft: error: ...` (or, for a bug, their
-    traceback), so we run the same parse_args/run and only turn that exception into the rank's exit code.
+    traceback), so we run the same parse_args/run, say in one line which rank died when one was killed, and exit
+    with the rank's code. A signal to the agent (SIGTERM, SIGHUP, Ctrl-C) stops every rank: 128 + the signal.
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     if not os.environ.get("MEGATUNE_TORCHRUN_VERBOSE"):  # its "failed (exitcode: 1)" / SIGTERM log lines, likewise
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ[AGENT_PID] = str(os.getpid())  # the ranks inherit it: see die_with_parent
     try:
         run(parse_args(list(args)))
     except ChildFailedError as e:
-        _, failure = e.get_first_failure()
-        return failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1
+        line, code = _failure_line(e.failures)
+        if line:
+            print(f"megatune sft: error: {line}", file=sys.stderr, flush=True)
+        return code
+    except SignalException as e:
+        if e.sigval != signal.SIGINT:  # on Ctrl-C rank 0 has already said "interrupted"
+            print(f"megatune sft: error: stopped by {e.sigval.name}; every rank was stopped", file=sys.stderr,
+                  flush=True)
+        return 128 + int(e.sigval)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_torchrun_main(sys.argv[1:]))
+    # torchrun runs this module as each rank too (see relaunch): a rank has LOCAL_RANK, the agent does not
+    sys.exit(_worker_main(sys.argv[1:]) if "LOCAL_RANK" in os.environ else _torchrun_main(sys.argv[1:]))
