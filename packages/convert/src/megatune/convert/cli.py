@@ -1,18 +1,23 @@
 """`megatune export` (ms-swift's `swift export` flags): HF -> Megatron (--to_megatron true) and back (--to_hf true).
 
-Bad input never produces a traceback: one line `megatune export: error: ...` on stderr, exit code 1 (2 for flag
-syntax), and no output directory left behind.
+Bad input never produces a traceback: one line `megatune export: error: ...` on stderr and no output directory or
+temporary left behind. Exit codes (as every megatune command): 2 usage error, 1 runtime failure, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM); an interrupted or terminated export removes its temporary output.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import re
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from megatune.convert.errors import ConvertError
+from megatune.convert.errors import ConvertError, UsageError
 
 PROG = "megatune export"
 
@@ -37,7 +42,19 @@ def parse_size(v: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + error (two lines); we want one line
-        raise ConvertError(message)
+        raise UsageError(message)
+
+    def parse_args(self, args=None, namespace=None):  # unknown flags: exit 2 with the closest known name
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            flag = next((a for a in extra if a.startswith("-")), extra[0])
+            if not flag.startswith("-"):
+                raise UsageError(f"unexpected value {flag!r}; flags take one value each (--flag VALUE)")
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            guess = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.6)
+            raise UsageError(f"unknown flag {flag}; " + (f"did you mean {guess[0]}?" if guess else
+                                                           "run `megatune export --help` to list the flags"))
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_id_or_path", help="HF model dir (or hub repo id, read from the local HF cache)")
     p.add_argument("--tp", "--tensor_model_parallel_size", dest="tp", type=int, default=1)
     p.add_argument("--pp", "--pipeline_model_parallel_size", dest="pp", type=int, default=1)
+    p.add_argument("--ep", "--expert_model_parallel_size", dest="ep", type=int, default=1,
+                   help="expert parallelism of an MoE model: its routed experts split over ep rank files")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: the HF weights' dtype")
     p.add_argument("--megatron_output_dir", help="default ./{model_type}-tp{tp}-pp{pp}")
     p.add_argument("--ckpt_dir", help="Megatron checkpoint dir (or training run dir) to export to HF")
@@ -63,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder_first_pipeline_num_layers", type=int, default=None)
     p.add_argument("--decoder_last_pipeline_num_layers", type=int, default=None)
     p.add_argument("--max_shard_size", type=parse_size, default=5 * 10**9, help="HF output shard size, e.g. 5GB")
+    p.add_argument("--allow_nonfinite", **b, help="export tensors holding NaN/Inf instead of refusing them")
     p.add_argument("--progress", type=str2bool, nargs="?", const=True, default=None, metavar="true|false",
                    help="progress bar on stderr (default: when stderr is a terminal)")
     return p
@@ -85,9 +105,11 @@ def _run(args: argparse.Namespace) -> str:
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.to_megatron == args.to_hf:
-        raise ConvertError("give exactly one of --to_megatron true or --to_hf true")
-    if args.tp < 1 or args.pp < 1:
-        raise ConvertError(f"--tp and --pp must be >= 1, got tp={args.tp}, pp={args.pp}")
+        raise UsageError("give exactly one of --to_megatron true or --to_hf true")
+    if args.tp < 1 or args.pp < 1 or args.ep < 1:
+        raise UsageError(f"--tp, --pp and --ep must be >= 1, got tp={args.tp}, pp={args.pp}, ep={args.ep}")
+    if args.make_vocab_size_divisible_by < 1:
+        raise UsageError(f"--make_vocab_size_divisible_by must be >= 1, got {args.make_vocab_size_divisible_by}")
     if args.to_megatron:
         from megatune.convert.arch import shape_of
         from megatune.convert.hf_io import read_config
@@ -103,13 +125,14 @@ def _run(args: argparse.Namespace) -> str:
                                       args.decoder_last_pipeline_num_layers)
             except ValueError as e:
                 raise ConvertError(str(e)) from None
-        out = Path(args.megatron_output_dir or f"{model_type}-tp{args.tp}-pp{args.pp}")
+        ep = f"-ep{args.ep}" if args.ep > 1 else ""
+        out = Path(args.megatron_output_dir or f"{model_type}-tp{args.tp}-pp{args.pp}{ep}")
         return str(convert.hf_to_megatron(
             hf_dir, out, tp=args.tp, pp=args.pp, dtype=args.dtype, model_type=model_type, naming=args.naming,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, layers_per_stage=counts,
-            overwrite=args.overwrite, progress=progress))
+            overwrite=args.overwrite, progress=progress, allow_nonfinite=args.allow_nonfinite, ep=args.ep))
     if not args.ckpt_dir:
-        raise ConvertError("--to_hf true needs --ckpt_dir DIR (a Megatron checkpoint written by megatune)")
+        raise UsageError("--to_hf true needs --ckpt_dir DIR (a Megatron checkpoint written by megatune)")
     if not Path(args.ckpt_dir).is_dir():
         raise ConvertError(f"--ckpt_dir {args.ckpt_dir}: no such directory")
     from megatune.convert import lora_export
@@ -119,23 +142,51 @@ def _run(args: argparse.Namespace) -> str:
                                       base=args.model_id_or_path, max_shard_size=args.max_shard_size,
                                       overwrite=args.overwrite))
     return str(convert.megatron_to_hf(args.ckpt_dir, args.hf_output_dir, max_shard_size=args.max_shard_size,
-                                      overwrite=args.overwrite, progress=progress))
+                                      overwrite=args.overwrite, progress=progress,
+                                      allow_nonfinite=args.allow_nonfinite))
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the temporary output is removed on the way out (exit 143)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = normalize_flags(list(sys.argv[1:] if argv is None else argv))
     try:
-        args = build_parser().parse_args(argv)
-        start = time.perf_counter()
-        out = _run(args)
+        with _sigterm_raises():
+            args = build_parser().parse_args(argv)
+            start = time.perf_counter()
+            out = _run(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: still one line
+        return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:  # permissions and the like: still one line
         print(f"{PROG}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output written (temporary files removed)", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{PROG}: terminated; no output written (temporary files removed)", file=sys.stderr)
+        return 143
     print(f"{PROG}: wrote {out} in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -39,11 +39,14 @@ LAG = 256 << 20
 class SequentialWriter:
     """A write-only binary file object (write / flush / close) over a raw fd, with cache dropping (see above).
 
-    `keep_cache=True` behaves like a plain unbuffered file (for callers that want the data to stay cached)."""
+    `keep_cache=True` behaves like a plain unbuffered file (for callers that want the data to stay cached).
+    A failed write raises OSError naming the file; `close` fsyncs, `abandon` closes without writing more."""
 
     def __init__(self, path: str | os.PathLike, keep_cache: bool = False):
+        self.path = str(path)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.keep_cache = keep_cache
+        self.abandoned = False
         self.pos = 0
         self._kicked = 0  # writeback started for [0, _kicked)
         self._dropped = 0  # pages dropped for [0, _dropped)
@@ -51,8 +54,13 @@ class SequentialWriter:
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
-        while view:
-            view = view[os.write(self.fd, view):]
+        if self.abandoned:  # a failed file being discarded: accept and drop (torch's zip writer still finalises)
+            return n
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
         self.pos += n
         if not self.keep_cache and self.pos - self._kicked >= CHUNK:
             self._advise()
@@ -73,10 +81,22 @@ class SequentialWriter:
     def close(self) -> None:
         if self.fd < 0:
             return
-        if not self.keep_cache and self.pos > self._kicked:
-            self._advise()
-        os.close(self.fd)
-        self.fd = -1
+        try:
+            if not self.keep_cache and self.pos > self._kicked:
+                self._advise()
+            os.fsync(self.fd)  # on disk before the directory holding it is published
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abandon(self) -> None:
+        """Stop writing (after an error): close the file; later writes are dropped. The caller removes it."""
+        self.abandoned = True
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> SequentialWriter:
         return self
@@ -251,7 +271,12 @@ def publish_dir(tmp: Path, dst: Path) -> None:
     else:  # fallback: two renames; a kill between them is undone by recover() on the next run
         old = temp_sibling(dst, "old")
         os.rename(dst, old)
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:  # an error or a signal in between: put the old copy back
+            if not dst.exists():
+                os.rename(old, dst)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     fsync_dir(dst.parent)
 
@@ -345,7 +370,9 @@ def atomic_dir(out_dir: str | Path, overwrite: bool, *, inputs: Iterable[str | P
         yield tmp
         publish_dir(tmp, out_dir)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(e.filename or out_dir, e, need) from None
+        shutil.rmtree(tmp, ignore_errors=True)  # first: the free space reported below is then real
+        if isinstance(e, OSError):  # named by its final path: the temporary one is gone
+            raise write_error(str(e.filename or out_dir).replace(str(tmp), str(out_dir)), e, need) from None
+        if isinstance(e, ConvertError) and str(tmp) in str(e):
+            raise ConvertError(str(e).replace(str(tmp), str(out_dir))) from None
         raise

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import torch
+from megatune.convert.arch import Shape
 from megatune.convert.ckpt_layout import AUX_FILES, HF_CONFIG, copy_aux_files, write_json_atomic
 from megatune.convert.errors import ConvertError
 from megatune.convert.fileio import IOV_MAX, SequentialWriter, as_bytes, preadv_full, read_into
@@ -132,8 +133,11 @@ class HFReader:
 
     def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows [start, stop) of dim 0 straight into `out` (contiguous, same dtype): one positional read."""
-        fd, offset, _, dtype, row = self._span(name)
-        assert out.is_contiguous() and out.dtype == dtype and out.numel() * dtype.itemsize == (stop - start) * row
+        fd, offset, shape, dtype, row = self._span(name)
+        if not (out.is_contiguous() and out.dtype == dtype and out.numel() * dtype.itemsize == (stop - start) * row):
+            raise ConvertError(f"{self.dir / self.files[name]}: tensor {name!r} is stored as {shape} {dtype}, which does not "
+                               f"fit the {list(out.shape)} {out.dtype} rows [{start}, {stop}) that config.json implies; "
+                               f"the file header was changed: re-download the model")
         if out.numel():
             if read_into(fd, offset + start * row, as_bytes(out)) != (stop - start) * row:
                 raise ConvertError(f"{self.dir / self.files[name]}: tensor {name!r} truncated; re-download the model")
@@ -163,6 +167,30 @@ class HFReader:
 
     def __del__(self) -> None:
         self.release()
+
+
+def config_dims(dims: Shape) -> dict[str, int]:
+    """config.json keys (or products of them) and the tensor dimensions they fix, for naming a mismatch."""
+    return {"hidden_size": dims.hidden, "intermediate_size": dims.ffn, "vocab_size": dims.vocab,
+            "head_dim": dims.head_dim, "num_attention_heads x head_dim": dims.heads * dims.head_dim,
+            "num_key_value_heads x head_dim": dims.groups * dims.head_dim}
+
+
+def check_shapes(reader: HFReader, want: dict[str, tuple[int, ...]], dims: Shape) -> None:
+    """Every stored tensor's shape against the shape config.json implies (`want`): one line naming the tensor, its
+    file and the config key, before anything is written."""
+    for name, shape in want.items():
+        got = reader.shape(name)
+        if tuple(got) == tuple(shape):
+            continue
+        keys = ""
+        if len(got) == len(shape):
+            i = next(i for i, (a, b) in enumerate(zip(got, shape)) if a != b)
+            named = [k for k, v in config_dims(dims).items() if v == shape[i]]
+            keys = f" (dim {i}: {shape[i]} from {' / '.join(named) or 'the config'})"
+        raise ConvertError(f"{reader.dir / reader.files[name]}: tensor {name!r} has shape {list(got)}, but "
+                           f"{reader.dir / HF_CONFIG} implies {list(shape)}{keys}; config.json does not match the "
+                           f"weights: fix config.json or re-download the model")
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[list[int]]:
@@ -226,6 +254,11 @@ class HFWriter:
         assert self._rows <= (shape[0] if shape else 1), f"{name}: more rows than {shape}"
         if self._rows == (shape[0] if shape else 1):
             self._next, self._rows = self._next + 1, 0
+
+    def abort(self) -> None:
+        """After an error: close the open shard without writing more (the caller removes the directory)."""
+        if self._f:
+            self._f.abandon()
 
     def close(self) -> None:
         assert self._next == len(self.specs), f"only {self._next} of {len(self.specs)} tensors written"

@@ -107,12 +107,20 @@ class StreamingTorchFile:
     def __enter__(self) -> StreamingTorchFile:
         return self
 
+    def abort(self) -> None:
+        """After an error: finalise torch's zip writer into the void and close the file (the caller removes it).
+        Without this the writer's destructor finalises on its own, hits the failed file and aborts the process."""
+        self._out.abandon()
+        try:
+            self._zip.write_end_of_file()
+        except RuntimeError:
+            pass
+
     def __exit__(self, exc_type, *_: Any) -> None:
         if exc_type is None:
             self.close()
         else:
-            self._zip.write_end_of_file()  # leave a closed (discardable) file; the caller removes the temp dir
-            self._out.close()
+            self.abort()
 
 
 def _pendings(obj: Any):
