@@ -148,7 +148,7 @@ def test_exit_codes_follow_the_convention(tmp_path):
     from megatune.convert.testing import make_tiny_model
 
     model = make_tiny_model("qwen2", tmp_path / "tiny-qwen2", seed=0)
-    base = [sys.executable, "-m", "megatune.cli.main", "sft"]
+    base = [sys.executable, "-m", "megatune.train.cli"]
     cases = [(2, [*sft_argv(model, tmp_path / "out"), "--learning_rat", "1"]),
              (2, sft_argv(model, tmp_path / "out", dataloader_num_workers=4)),  # accepted flag, refused value
              (1, sft_argv(model, tmp_path / "out", resume_from_checkpoint=tmp_path / "missing"))]
