@@ -60,6 +60,8 @@ def megatron_args_namespace(meta: dict, **overrides: Any) -> argparse.Namespace:
         merge_file=None,
         tensor_model_parallel_size=meta["tp"],
         pipeline_model_parallel_size=meta["pp"],
+        expert_model_parallel_size=meta.get("ep", 1),
+        expert_tensor_parallel_size=meta["tp"],
         virtual_pipeline_model_parallel_size=None,
         num_layers_per_virtual_pipeline_stage=None,
         decoder_first_pipeline_num_layers=counts[0] if meta["pp"] > 1 and len(set(counts)) > 1 else None,

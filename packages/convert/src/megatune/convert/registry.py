@@ -19,6 +19,9 @@ MODEL_TYPES: dict[str, str] = {
     "llama3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
     "llama3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
     "mistral-7b-instruct-v0.3": "mistralai/Mistral-7B-Instruct-v0.3",
+    "qwen2-57b-a14b-instruct": "Qwen/Qwen2-57B-A14B-Instruct",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "mixtral-8x7b-instruct": "mistralai/Mixtral-8x7B-Instruct-v0.1",
 }
 # ms-swift 2.x spellings
 ALIASES = {"mistral-7b-instruct-v3": "mistral-7b-instruct-v0.3"}
@@ -65,7 +68,8 @@ def resolve_weights(model_type: str | None, model_id_or_path: str | None) -> Pat
         if not model_type:
             raise ConvertError("give --model_type or --model_id_or_path")
         raise ConvertError(f"unknown --model_type {model_type!r}; known: {', '.join(MODEL_TYPES)} "
-                           f"(or pass --model_id_or_path DIR of a Llama/Mistral/Qwen2/Qwen3 checkpoint)")
+                           f"(or pass --model_id_or_path DIR of a Llama/Mistral/Qwen2/Qwen3, Qwen2/3-MoE or "
+                           f"Mixtral checkpoint)")
     if "/" not in repo:
         raise ConvertError(f"--model_id_or_path {repo}: no such directory")
     snap = cached_snapshot(repo)
