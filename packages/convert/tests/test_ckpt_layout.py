@@ -211,3 +211,24 @@ def test_distributed_optimizer_state_loads_allow_listed(tmp_path, monkeypatch):
         ckpt_layout.load_distributed_optimizer_state(opt, evil)
     assert not (tmp_path / "PWNED").exists()
 
+
+
+# issue 15 item 5 (the file-level part under every save): a full disk was torch's "unexpected pos" RuntimeError
+def test_torch_save_disk_full_is_one_line_and_keeps_old(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "model_optim_rng.pt"
+    ckpt_layout.torch_save_atomic({"w": torch.ones(4)}, path)
+    real = os.write
+
+    def full(fd, data):
+        if len(data) > 1000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(ConvertError) as e:
+        ckpt_layout.torch_save_atomic({"w": torch.zeros(100_000)}, path)
+    monkeypatch.undo()
+    assert str(path) in str(e.value) and "no space left on device" in str(e.value) and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == [path.name] and torch.equal(ckpt_layout.safe_load(path)["w"], torch.ones(4))

@@ -47,6 +47,7 @@ class SequentialWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.keep_cache = keep_cache
         self.abandoned = False
+        self.error: OSError | None = None  # the first failed write, named by this file
         self.pos = 0
         self._kicked = 0  # writeback started for [0, _kicked)
         self._dropped = 0  # pages dropped for [0, _dropped)
@@ -54,13 +55,14 @@ class SequentialWriter:
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
-        if self.abandoned:  # a failed file being discarded: accept and drop (torch's zip writer still finalises)
+        if self.abandoned or self.error is not None:  # a failed file: drop (torch's zip writer still finalises)
             return n
         try:
             while view:
                 view = view[os.write(self.fd, view):]
         except OSError as e:
-            raise OSError(e.errno, e.strerror, self.path) from None
+            self.error = OSError(e.errno, e.strerror, self.path)
+            raise self.error from None
         self.pos += n
         if not self.keep_cache and self.pos - self._kicked >= CHUNK:
             self._advise()
@@ -237,10 +239,21 @@ def copy_file_atomic(src: str | Path, dst: str | Path) -> None:
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp sibling, fsync, rename into place."""
+    """torch.save to a temp sibling, fsync, rename into place. Written through SequentialWriter so that a failed
+    write (a full disk) surfaces as its OSError rather than torch's "unexpected pos" RuntimeError."""
     path = Path(path)
     with _replacing(path) as tmp:
-        torch.save(obj, tmp)
+        out = SequentialWriter(tmp, keep_cache=True)
+        try:
+            torch.save(obj, out)
+            if out.error is not None:
+                raise out.error
+        except BaseException:
+            out.abandon()
+            if out.error is not None:  # torch reports it as RuntimeError("unexpected pos ...")
+                raise out.error from None
+            raise
+        out.close()
 
 
 # ------------------------------------------------------------------------------------------------ directories
