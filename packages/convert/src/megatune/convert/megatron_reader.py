@@ -5,6 +5,8 @@ Re-sharding tp=a -> tp=b and exporting to HF both reduce to "read the HF tensor,
 through torch.load's mmap: the pickle is loaded on the meta device (shapes, dtypes, file offsets, no data), then
 each HF tensor is assembled straight from its rows in the rank files (plan.part_row_ranges) into the caller's
 buffer (`read_into`). Nothing stays mapped, no page-fault storm, and consumed pages leave the page cache.
+With expert parallelism a routed expert's tensors are read from the ep rank that holds it, every other tensor
+from ep rank 0 (all ep ranks hold the same copy).
 """
 
 from __future__ import annotations
