@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from megatune.evaluate.engine import UserError
-from megatune.evaluate.tasks import TASKS, arc, ceval, gsm8k, mmlu
+from megatune.evaluate.errors import EvalError, UsageError
+from megatune.evaluate.tasks import TASKS
+
+ceval, mmlu, gsm8k, arc = (TASKS[name] for name in ("ceval", "mmlu", "gsm8k", "arc"))
 
 
 def _count(data: dict) -> int:
@@ -20,7 +22,7 @@ def test_eval_split_row_counts(data_dir, name, subjects, rows):
     data = TASKS[name].load(data_dir)
     assert (len(data), _count(data)) == (subjects, rows)
     for ex in (ex for exs in data.values() for ex in exs):
-        if TASKS[name].KIND == "choice":
+        if TASKS[name].eval_type == "multiple_choice":
             assert ex.gold in ex.letters and len(ex.choices) == 4
         else:
             float(ex.gold)
@@ -43,7 +45,7 @@ def test_known_rows(data_dir):
 
 
 def test_arc_official_keys_fix_gold(data_dir):
-    rows = arc.load(data_dir)[arc.SUBJECT]
+    rows = arc.load(data_dir)["ARC-Challenge"]
     fixed = [i for i, ex in enumerate(rows) if "gold_fixed_from" in ex.extra]
     defect = [i for i, ex in enumerate(rows) if ex.defect]
     # shared/data/README.md: 23 rows disagree with AI2's keys; 19 are off by one, 4 repeat a choice text
@@ -58,7 +60,7 @@ def test_arc_official_keys_fix_gold(data_dir):
 def test_arc_without_keys_keeps_foundry_gold(data_dir, tmp_path, capsys):
     (tmp_path / "arc").mkdir()
     (tmp_path / "arc" / "arc_challenge.jsonl").write_bytes((data_dir / "arc" / "arc_challenge.jsonl").read_bytes())
-    rows = arc.load(tmp_path)[arc.SUBJECT]
+    rows = arc.load(tmp_path)["ARC-Challenge"]
     assert len(rows) == 1172 and rows[135].gold == "C" and not any(ex.defect for ex in rows)
     assert "23 known-wrong" in capsys.readouterr().err
 
@@ -77,7 +79,7 @@ def test_arc_ai2_layout(data_dir, tmp_path):
             "choices": [{"text": t, "label": lab} for t, lab in zip(foundry[i]["choices"], labels)]}}))
     (tmp_path / "arc" / "ARC-Challenge").mkdir(parents=True)
     (tmp_path / "arc" / "ARC-Challenge" / "ARC-Challenge-Test.jsonl").write_text("\n".join(lines) + "\n")
-    rows = arc.load(tmp_path)[arc.SUBJECT]
+    rows = arc.load(tmp_path)["ARC-Challenge"]
     assert [ex.id for ex in rows] == [keys[i]["id"] for i in (0, 44, 135)]
     assert [ex.gold for ex in rows] == ["C", "B", "B"]  # keys "C", "2", "2": by position among the labels
     assert rows[2].choices[rows[2].gold_index] == "joined together as one landmass"
@@ -85,7 +87,7 @@ def test_arc_ai2_layout(data_dir, tmp_path):
 
 def test_missing_data_offline_is_one_clear_line(tmp_path):
     for name, task in TASKS.items():
-        with pytest.raises(UserError) as err:
+        with pytest.raises(UsageError) as err:
             task.load(tmp_path)
         msg = str(err.value)
         assert "\n" not in msg and name in msg and "HF_HUB_OFFLINE" in msg and "<eval_data_dir>" in msg
@@ -99,5 +101,5 @@ def test_data_dir_from_environment(data_dir, monkeypatch):
 def test_bad_row_names_file_and_record(tmp_path):
     (tmp_path / "mmlu" / "test").mkdir(parents=True)
     (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,1,2,3,4,A\nq2,1,2,3,4,E\n")
-    with pytest.raises(UserError, match=r"x_test.csv record 2"):
+    with pytest.raises(EvalError, match=r"x_test.csv record 2"):
         mmlu.load(tmp_path)

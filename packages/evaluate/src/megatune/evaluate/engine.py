@@ -1,11 +1,16 @@
-"""The engine interface shared by the `pt` (transformers) and `vllm` backends, and the factory that picks one.
+"""The engine interface shared by the `pt` (transformers) and `vllm` backends (engines.py picks one).
 
 An engine does two things, each batched over a list of requests:
 - `generate(prompts, sampling) -> list[str]`: a prompt is either a raw string (sent as is) or a list of chat messages
   (`[{"role", "content"}]`, rendered with the tokenizer's chat template plus the generation prompt);
 - `loglikelihood([(context, continuation), ...]) -> list[(logprob, is_greedy)]`: the summed log-probability of the
   continuation tokens given the context, and whether greedy decoding would have produced exactly those tokens
-  (lm-evaluation-harness semantics, including its context/continuation tokenization).
+  (lm-evaluation-harness semantics, including its context/continuation tokenization);
+- `describe() -> dict`: what eval_result.json records about the engine (dtype, BOS rule, attention, ...).
+
+Raw-text prompts follow lm-evaluation-harness's BOS rule (`--add_bos_token auto`): the tokenizer's default special
+tokens (a Llama/Mistral/Gemma tokenizer prepends BOS, a Qwen one adds nothing), none when the text already starts
+with the BOS text; `true`/`false` force it. Chat-template text never gets extra tokens: the template writes its own.
 """
 
 from __future__ import annotations
@@ -17,15 +22,7 @@ from typing import Protocol, Union
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 Prompt = Union[str, list[Message]]
-
-VLLM_MISSING = (
-    "--infer_backend vllm needs vLLM, which is not installed; "
-    "run `pip install 'megatune-evaluate[vllm]'` (a CUDA machine), or use --infer_backend pt, which works everywhere"
-)
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, missing data, missing extra). The CLI prints it as one line, exit 2."""
+BOS_RULES = ("auto", "true", "false")  # --add_bos_token: the tokenizer's default (lm-eval's rule), always, never
 
 
 @dataclass(frozen=True)
@@ -47,6 +44,9 @@ class Sampling:
 
 class Engine(Protocol):
     model_dir: Path
+    max_length: int
+
+    def describe(self) -> dict: ...
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling, progress=None) -> list[str]: ...
 
@@ -79,19 +79,3 @@ def render(tokenizer, prompt: Prompt) -> str:
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in prompt) + "Assistant:"
 
-
-def load_engine(backend: str, model_dir: str | Path, **kwargs) -> Engine:
-    """`pt` (transformers, any machine) or `vllm` (optional extra, CUDA). kwargs go to the engine's constructor."""
-    if backend == "pt":
-        from megatune.evaluate.pt_engine import PtEngine
-
-        return PtEngine(model_dir, **kwargs)
-    if backend == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as e:
-            raise UserError(VLLM_MISSING) from e
-        from megatune.evaluate.vllm_engine import VllmEngine
-
-        return VllmEngine(model_dir, **kwargs)
-    raise UserError(f"--infer_backend {backend!r} is not one of: pt, vllm")

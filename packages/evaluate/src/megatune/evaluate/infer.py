@@ -2,7 +2,8 @@
 
 The REPL follows swift's: a `<<< ` prompt, history kept across turns, `clear` forgets it, `exit` (or end of input)
 leaves; with the pt engine the reply is printed while it is decoded. When stdin is not a terminal (a pipe, a test)
-each query is echoed after the prompt so the transcript reads like the session a person would have seen.
+each query is echoed after the prompt so the transcript reads like the session a person would have seen. A line
+that is not UTF-8 is skipped with "<stdin> line N: not UTF-8" on stderr; the session goes on.
 
 Dataset rows (local .jsonl/.json/.csv, `path#N` keeps the first N) in any of the formats swift reads:
 messages [{role, content}], ShareGPT conversations [{from, value}], query/response (+history, system), and
@@ -11,14 +12,16 @@ alpaca instruction/input/output. The last assistant turn, when present, is the l
 
 from __future__ import annotations
 
-import csv
 import json
+import os
 import re
 import sys
 from pathlib import Path
 from typing import TextIO
 
-from megatune.evaluate.engine import Engine, Message, Sampling, UserError
+from megatune.evaluate.engine import Engine, Message, Sampling
+from megatune.evaluate.errors import EvalError, UsageError
+from megatune.evaluate.textio import read_csv, read_json, read_jsonl
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                    "function_call": "assistant", "observation": "tool", "tool": "tool"}
@@ -28,35 +31,37 @@ def parse_spec(spec: str) -> tuple[Path, int | None]:
     m = re.fullmatch(r"(.+?)(?:#(\d+))?", spec)
     path, n = Path(m.group(1)).expanduser(), m.group(2)
     if not path.is_file():
-        raise UserError(f"--val_dataset {spec}: no such file (a local .jsonl, .json or .csv, optionally with #N)")
+        raise UsageError(f"--val_dataset {spec}: no such file (a local .jsonl, .json or .csv, optionally with #N)")
     return path, int(n) if n else None
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[tuple[str, dict]]:
+    """[(where, row)]: every row of a .jsonl/.json/.csv file, `where` naming its file and line (or row)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        return rows
+        return [(f"{path} line {n}", row) for n, row in read_jsonl(path)]
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         rows = data.get("data", data) if isinstance(data, dict) else data
         if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON array of rows (or {{\"data\": [...]}})")
-        return rows
+            raise EvalError(f"{path}: expected a JSON array of rows (or {{\"data\": [...]}})")
+        return [(f"{path} row {i + 1}", row) for i, row in enumerate(rows)]
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
+        return [(f"{path} record {i + 1}", row) for i, row in enumerate(read_csv(path, header=True))]
+    raise UsageError(f"--val_dataset {path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
 
 
 def row_to_chat(row: dict, system: str | None = None, where: str = "") -> tuple[list[Message], str | None]:
     """(prompt messages ending with a user turn, label or None)."""
+    if not isinstance(row, dict):
+        raise EvalError(f"{where}: expected an object with messages, conversations, query or instruction")
+    try:
+        return _row_to_chat(row, system, where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EvalError(f"{where}: malformed row ({type(e).__name__}: {e})") from None
+
+
+def _row_to_chat(row: dict, system: str | None, where: str) -> tuple[list[Message], str | None]:
     if "messages" in row or "conversations" in row:
         if "messages" in row:
             msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
@@ -74,9 +79,9 @@ def row_to_chat(row: dict, system: str | None = None, where: str = "") -> tuple[
         text = "\n".join(x for x in (row["instruction"], row.get("input") or "") if x)
         msgs, label = [{"role": "user", "content": text}], row.get("output")
     else:
-        raise UserError(f"{where}: a row needs messages, conversations, query or instruction; got keys {sorted(row)}")
+        raise EvalError(f"{where}: a row needs messages, conversations, query or instruction; got keys {sorted(row)}")
     if not msgs or msgs[-1]["role"] not in ("user", "tool"):
-        raise UserError(f"{where}: the prompt must end with a user turn")
+        raise EvalError(f"{where}: the prompt must end with a user turn")
     if system and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system})
     return msgs, label
@@ -89,17 +94,30 @@ def batch_infer(engine: Engine, specs: list[str], sampling: Sampling, system: st
     prompts, labels = [], []
     for spec in specs:
         path, n = parse_spec(spec)
-        for i, row in enumerate(read_rows(path)[:n]):
-            msgs, label = row_to_chat(row, system, f"{path} row {i + 1}")
+        for where, row in read_rows(path)[:n]:
+            msgs, label = row_to_chat(row, system, where)
             prompts.append(msgs)
             labels.append(label)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(prompts), desc="infer", unit="samples", disable=not progress, file=sys.stderr) as bar:
-        responses = engine.generate(prompts, sampling, progress=bar)
-    with open(out_path, "w", encoding="utf-8") as f:
-        for msgs, label, response in zip(prompts, labels, responses):
-            row = {"query": msgs[-1]["content"], "messages": msgs, "response": response, "label": label}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
+    try:  # before any generation: an unwritable --result_dir fails in a second
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, "w", encoding="utf-8")
+    except OSError as e:
+        raise EvalError(f"--result_dir {out_path.parent}: cannot write there ({e.strerror or e}); "
+                        "pass a folder you can write to") from None
+    try:
+        with f, tqdm(total=len(prompts), desc="infer", unit="samples", disable=not progress, file=sys.stderr) as bar:
+            responses = engine.generate(prompts, sampling, progress=bar)
+            for msgs, label, response in zip(prompts, labels, responses):
+                row = {"query": msgs[-1]["content"], "messages": msgs, "response": response, "label": label}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except OSError as e:
+        raise EvalError(f"{e.filename or out_path}: cannot write the answers ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"{len(prompts)} answers -> {out_path}")
     return len(prompts)
 
@@ -126,6 +144,21 @@ def one_shot(engine: Engine, query: str, sampling: Sampling, system: str | None,
     return text
 
 
+def _read_line(stdin: TextIO, lineno: int) -> str | None:
+    """The next line without its end, None at end of input, "" (with a notice) for a line that is not UTF-8.
+    Reads bytes when the stream has them, so one bad line cannot end the session."""
+    raw = stdin.buffer.readline() if hasattr(stdin, "buffer") else stdin.readline()
+    if not raw:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            print(f"<stdin> line {lineno}: not UTF-8 (byte 0x{raw[e.start]:02x}); line skipped", file=sys.stderr)
+            return ""
+    return raw.rstrip("\r\n")
+
+
 def repl(engine: Engine, sampling: Sampling, system: str | None, stream: bool = True,
          stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     """Chat until `exit` or end of input; returns the number of replies."""
@@ -133,21 +166,25 @@ def repl(engine: Engine, sampling: Sampling, system: str | None, stream: bool = 
     interactive = stdin.isatty() and out.isatty()
     head = [{"role": "system", "content": system}] if system else []
     history: list[Message] = []
-    replies = 0
+    replies = lineno = 0
     while True:
+        lineno += 1
         if interactive:
             try:
                 query = input("<<< ")  # line editing when a person types
             except EOFError:
                 out.write("\n")
                 break
+            except UnicodeDecodeError:
+                print(f"<stdin> line {lineno}: not UTF-8; line skipped", file=sys.stderr)
+                continue
         else:
             out.write("<<< ")
-            line = stdin.readline()
-            if not line:
+            out.flush()
+            query = _read_line(stdin, lineno)
+            if query is None:
                 out.write("\n")
                 break
-            query = line.rstrip("\r\n")
             out.write(query + "\n")
         command = query.strip()
         if command == "exit":

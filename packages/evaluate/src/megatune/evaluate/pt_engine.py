@@ -1,14 +1,14 @@
 """The `pt` engine: plain transformers, on any machine.
 
 Design choices:
-- Requests are sorted by token length (longest first, so an out-of-memory shows up in the first batch) and run in
-  batches; results come back in the caller's order.
-- Batches are LEFT-padded for both generation and scoring, so every row ends at the same column: generation appends
-  there, and scoring only needs the logits of the last few columns (`logits_to_keep`), never the full (B, T, V)
-  tensor. Position ids are computed from the attention mask, so a padded row sees the same positions as alone.
-- loglikelihood de-duplicates identical model inputs: the four answers " A"/" B"/" C"/" D" to one question share
-  the input `context` (only the scored last token differs), so they cost one row, not four.
+- Scoring (loglikelihood) packs each context once with all its continuations as branches and batches those rows by
+  length, right-padded, computing only the logits of the scored positions (scoring.py has the layout).
+- Generation: prompts sorted by token length (longest first, so an out-of-memory shows up in the first batch),
+  LEFT-padded batches so every row ends at the same column and generation appends there; position ids come from
+  the attention mask, so a padded row sees the same positions as alone. Results come back in the caller's order.
+- Tokens follow lm-evaluation-harness (tokens.py): its BOS rule for raw text, its context/continuation split.
 - bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and the tests compare against fp32 forward passes).
+- A prompt longer than the model's positions is cut from the left, and a notice on stderr says so.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from megatune.evaluate.engine import Message, Prompt, Sampling, UserError, render, split_context, truncate_at_stop
+from megatune.evaluate import scoring
+from megatune.evaluate.engine import Message, Prompt, Sampling, render, truncate_at_stop
+from megatune.evaluate.errors import EvalError, UsageError
+from megatune.evaluate.tokens import Encoder, notice_truncated
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -27,7 +30,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 class PtEngine:
     def __init__(self, model_dir: str | Path, *, dtype: str | None = None, device: str | None = None,
-                 batch_size: int = 16, max_length: int | None = None) -> None:
+                 batch_size: int = 16, max_length: int | None = None, add_bos: str = "auto",
+                 max_batch_tokens: int = 32768) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -35,29 +39,34 @@ class PtEngine:
         if dtype in (None, "auto"):
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         if dtype not in DTYPES:
-            raise UserError(f"--torch_dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+            raise UsageError(f"--torch_dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
         if (self.model_dir / "adapter_config.json").is_file() and importlib.util.find_spec("peft") is None:
-            raise UserError(f"{self.model_dir} is a LoRA adapter dir: loading it on its base model needs peft "
+            raise UsageError(f"{self.model_dir} is a LoRA adapter dir: loading it on its base model needs peft "
                             f"(pip install peft), or export merged weights with `megatune export --to_hf true`")
         try:  # an adapter dir loads through transformers' peft integration (base_model_name_or_path + adapter)
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
             self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=DTYPES[dtype])
         except (OSError, ValueError) as e:  # missing weights/tokenizer files, unknown architecture
-            raise UserError(f"cannot load {self.model_dir}: {str(e).strip().splitlines()[0]}") from e
+            raise EvalError(f"cannot load {self.model_dir}: {str(e).strip().splitlines()[0]}") from e
         self.model.to(self.device).eval()
-        self.batch_size = batch_size
+        self.dtype = dtype
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.encoder = Encoder(self.tokenizer, add_bos)
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
         self.eos_ids = _eos_ids(self.tokenizer, self.model.generation_config)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
-        # a context must hold at least one token; lm-evaluation-harness uses end-of-text for an empty one
-        self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else self.eos_ids[0]
+
+    def describe(self) -> dict:
+        return {"engine": "pt", "dtype": self.dtype, "device": str(self.device), "max_length": self.max_length,
+                "attention": getattr(self.model.config, "_attn_implementation", None),
+                "batch_size": self.batch_size, "scoring": "one row per context, continuations as branches",
+                **self.encoder.describe()}
 
     # ---------------------------------------------------------------- tokenization
     def encode(self, text: str) -> list[int]:
-        # no special tokens: chat templates already write BOS where the model wants it, and raw-text prompts
-        # follow lm-evaluation-harness, which does not add them either
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """A raw-text prompt's tokens under the BOS rule (lm-evaluation-harness's)."""
+        return self.encoder.raw(text)
 
     def render(self, prompt: Prompt) -> str:
         return render(self.tokenizer, prompt)
@@ -85,12 +94,14 @@ class PtEngine:
                 torch.manual_seed(sampling.seed)
         return kw
 
-    def _prompt_ids(self, prompt: Prompt, sampling: Sampling) -> list[int]:
-        ids = self.encode(self.render(prompt))
+    def _prompt_ids(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[list[int]]:
+        ids = [self.encoder.prompt(p) for p in prompts]
         # keep the end (that is where the question is); never cut to almost nothing because max_new_tokens is
         # close to the context size: generation may run past it, the prompt matters more
         room = max(self.max_length - sampling.max_new_tokens, self.max_length // 2)
-        return ids[-room:]
+        notice_truncated(sum(len(x) > room for x in ids), len(ids), room,
+                         f"max_model_len {self.max_length} less max_new_tokens {sampling.max_new_tokens}")
+        return [x[-room:] for x in ids]
 
     def _decode_new(self, row: torch.Tensor) -> str:
         row = row.tolist()
@@ -99,7 +110,7 @@ class PtEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling(), progress=None) -> list[str]:
-        ids = [self._prompt_ids(p, sampling) for p in prompts]
+        ids = self._prompt_ids(prompts, sampling)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         texts: list[str] = [""] * len(ids)
         kw = self._generation_kwargs(sampling)
@@ -117,7 +128,7 @@ class PtEngine:
         """Yield the reply piece by piece as it is decoded (generation runs in a background thread)."""
         from transformers import TextIteratorStreamer
 
-        input_ids, mask = self._left_pad([self._prompt_ids(messages, sampling)])
+        input_ids, mask = self._left_pad(self._prompt_ids([messages], sampling))
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kw = self._generation_kwargs(sampling)
         errors: list[BaseException] = []
@@ -138,44 +149,19 @@ class PtEngine:
             raise errors[0]
 
     # ---------------------------------------------------------------- scoring
-    def _score_inputs(self, context: str, continuation: str) -> tuple[tuple[int, ...], list[int]]:
-        """(model input, continuation tokens) the lm-evaluation-harness way: tokenize context+continuation as a
-        whole (so merges across the boundary are kept) and call the tokens past the context's the continuation."""
-        context, continuation = split_context(context, continuation)
-        if context:
-            whole, ctx = self.encode(context + continuation), self.encode(context)
-            cont = whole[len(ctx):]
-        else:
-            ctx, cont = [self.prefix_id], self.encode(continuation)
-        if not cont:
-            raise ValueError(f"continuation {continuation!r} encodes to no tokens (context ends {context[-40:]!r})")
-        seq = (ctx + cont)[-(self.max_length + 1):]
-        return tuple(seq[:-1]), cont[-(len(seq) - 1):]
-
-    @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[tuple[str, str]], progress=None) -> list[tuple[float, bool]]:
-        encoded = [self._score_inputs(c, x) for c, x in requests]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (inp, _) in enumerate(encoded):
-            groups.setdefault(inp, []).append(i)
-        inputs = sorted(groups, key=lambda k: -len(k))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
-        for start in range(0, len(inputs), self.batch_size):
-            batch = inputs[start:start + self.batch_size]
-            keep = max(len(encoded[i][1]) for inp in batch for i in groups[inp])
-            input_ids, mask = self._left_pad(batch)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                logits_to_keep=keep).logits  # (B, keep, V)
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for b, inp in enumerate(batch):
-                for i in groups[inp]:
-                    cont = torch.tensor(encoded[i][1], device=self.device)
-                    lp = logprobs[b, keep - len(cont):]  # (L, V): row t predicts continuation token t
-                    total = lp.gather(-1, cont[:, None]).sum().item()
-                    results[i] = (total, bool((lp.argmax(-1) == cont).all()))
-                if progress is not None:
-                    progress.update(len(groups[inp]))
+        encoded = [self.encoder.pair(c, x) for c, x in requests]
+        try:
+            rows, cut = scoring.build_rows(encoded, self.max_length)
+        except ValueError as e:
+            raise EvalError(f"loglikelihood: {e}") from None
+        notice_truncated(cut, len(requests), self.max_length + 1, "the model's positions, context + continuation")
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for batch in scoring.batches(rows, self.batch_size, self.max_batch_tokens):
+            for i, total, greedy in scoring.score_batch(self.model, batch, self.pad_id, self.device):
+                results[i] = (total, greedy)
+            if progress is not None:
+                progress.update(sum(len(r.conts) for r in batch))
         return results
 
 
@@ -191,5 +177,5 @@ def _eos_ids(tokenizer, generation_config) -> list[int]:
     if im_end is not None and im_end not in ids:
         ids.append(im_end)
     if not ids:
-        raise UserError("the tokenizer and generation_config.json define no eos token; set eos_token in tokenizer_config.json")
+        raise EvalError("the tokenizer and generation_config.json define no eos token; set eos_token in tokenizer_config.json")
     return ids

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatune.evaluate.engine import UserError
+from megatune.evaluate.errors import UsageError
 
 
 def _hf_dir(d: Path, flag: str) -> Path:
@@ -21,38 +21,38 @@ def _hf_dir(d: Path, flag: str) -> Path:
         exported = sorted(p for p in d.glob("*-hf") if (p / "config.json").is_file())
         if len(exported) == 1:
             return exported[0]
-        raise UserError(f"{flag} {d} is a Megatron checkpoint; run `megatune export --ckpt_dir {d} --to_hf true` "
+        raise UsageError(f"{flag} {d} is a Megatron checkpoint; run `megatune export --ckpt_dir {d} --to_hf true` "
                         f"and pass the {d}/<model_type>-hf folder it writes")
-    raise UserError(f"{flag} {d} has no config.json; pass a Hugging Face model folder (config.json, weights, tokenizer)")
+    raise UsageError(f"{flag} {d} has no config.json; pass a Hugging Face model folder (config.json, weights, tokenizer)")
 
 
 def resolve_model_dir(ckpt_dir: str | None, model_type: str | None, model_id_or_path: str | None) -> Path:
     if ckpt_dir:
         d = Path(ckpt_dir).expanduser()
         if not d.is_dir():
-            raise UserError(f"--ckpt_dir {d}: no such directory")
+            raise UsageError(f"--ckpt_dir {d}: no such directory")
         return _hf_dir(d, "--ckpt_dir")
     if model_id_or_path:
         d = Path(model_id_or_path).expanduser()
         if d.is_dir():
             return _hf_dir(d, "--model_id_or_path")
         if d.is_absolute() or str(model_id_or_path).startswith(".") or str(model_id_or_path).count("/") != 1:
-            raise UserError(f"--model_id_or_path {model_id_or_path}: no such directory (nor a hub id owner/name)")
+            raise UsageError(f"--model_id_or_path {model_id_or_path}: no such directory (nor a hub id owner/name)")
         return _from_hub(str(model_id_or_path))
     if model_type:
-        raise UserError(f"--model_type {model_type} alone does not say where the weights are; "
+        raise UsageError(f"--model_type {model_type} alone does not say where the weights are; "
                         "add --model_id_or_path DIR (an HF folder or hub id), or pass --ckpt_dir DIR")
-    raise UserError("no model given; pass --ckpt_dir DIR, or --model_type T --model_id_or_path DIR")
+    raise UsageError("no model given; pass --ckpt_dir DIR, or --model_type T --model_id_or_path DIR")
 
 
 def _from_hub(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UserError(f"--model_id_or_path {repo_id}: not a local folder, and huggingface_hub is not installed "
+        raise UsageError(f"--model_id_or_path {repo_id}: not a local folder, and huggingface_hub is not installed "
                         "to fetch it; download the model and pass its folder") from None
     try:
         return Path(snapshot_download(repo_id))
     except Exception as e:  # offline, unknown repo, gated: same advice
-        raise UserError(f"--model_id_or_path {repo_id}: not a local folder and not in the HF cache, and the hub "
+        raise UsageError(f"--model_id_or_path {repo_id}: not a local folder and not in the HF cache, and the hub "
                         f"download failed ({type(e).__name__}); download it and pass the folder") from None

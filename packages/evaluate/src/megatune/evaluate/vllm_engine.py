@@ -11,28 +11,34 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from megatune.evaluate.engine import Message, Prompt, Sampling, render, split_context, truncate_at_stop
+from megatune.evaluate.engine import Message, Prompt, Sampling, render, truncate_at_stop
+from megatune.evaluate.errors import UsageError
+from megatune.evaluate.tokens import Encoder, notice_truncated
 
 
 class VllmEngine:
     def __init__(self, model_dir: str | Path, *, dtype: str | None = None, tensor_parallel_size: int = 1,
-                 max_length: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0, **_) -> None:
+                 max_length: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
+                 add_bos: str = "auto", **_) -> None:
         from vllm import LLM
 
         self.model_dir = Path(model_dir)
         if (self.model_dir / "adapter_config.json").is_file():
-            from megatune.evaluate.engine import UserError
-
-            raise UserError(f"{self.model_dir} is a LoRA adapter dir; the vllm backend needs merged weights: run "
+            raise UsageError(f"{self.model_dir} is a LoRA adapter dir; the vllm backend needs merged weights: run "
                             f"`megatune export --ckpt_dir RUN --to_hf true` or use --infer_backend pt")
         self.llm = LLM(model=str(self.model_dir), tensor_parallel_size=tensor_parallel_size,
                        dtype=dtype or "auto", max_model_len=max_length, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_length = self.llm.llm_engine.model_config.max_model_len
+        self.encoder = Encoder(self.tokenizer, add_bos)
+        self.dtype = dtype or "auto"
+
+    def describe(self) -> dict:
+        return {"engine": "vllm", "dtype": self.dtype, "max_length": self.max_length, **self.encoder.describe()}
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.encoder.raw(text)
 
     def render(self, prompt: Prompt) -> str:
         return render(self.tokenizer, prompt)
@@ -54,7 +60,10 @@ class VllmEngine:
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling(), progress=None) -> list[str]:
         room = max(self.max_length - sampling.max_new_tokens, self.max_length // 2)
-        ids = [self.encode(self.render(p))[-room:] for p in prompts]
+        ids = [self.encoder.prompt(p) for p in prompts]
+        notice_truncated(sum(len(x) > room for x in ids), len(ids), room,
+                         f"max_model_len {self.max_length} less max_new_tokens {sampling.max_new_tokens}")
+        ids = [x[-room:] for x in ids]
         outputs = self.llm.generate(self._token_prompts(ids), self._params(sampling), use_tqdm=False)
         if progress is not None:
             progress.update(len(prompts))
@@ -67,14 +76,14 @@ class VllmEngine:
     def loglikelihood(self, requests: Sequence[tuple[str, str]], progress=None) -> list[tuple[float, bool]]:
         from vllm import SamplingParams
 
-        seqs, cont_lens = [], []
+        seqs, cont_lens, cut = [], [], 0
         for context, continuation in requests:
-            context, continuation = split_context(context, continuation)
-            ctx = self.encode(context) if context else [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id]
-            cont = self.encode(context + continuation)[len(ctx):] if context else self.encode(continuation)
+            ctx, cont = self.encoder.pair(context, continuation)
+            cut += len(ctx) + len(cont) > self.max_length
             seq = (ctx + cont)[-self.max_length:]
             seqs.append(seq)
             cont_lens.append(min(len(cont), len(seq) - 1))
+        notice_truncated(cut, len(requests), self.max_length, "max_model_len, context + continuation")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
         outputs = self.llm.generate(self._token_prompts(seqs), params, use_tqdm=False)
         results = []

@@ -10,18 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatune.evaluate.engine import UserError
-from megatune.evaluate.tasks.common import (
-    Example,
-    choices_block,
-    data_root,
-    hub_or_fail,
-    load_csv_subjects,
-    load_hub,
-)
-
-NAME, SPLIT, FEWSHOT_SPLIT, KIND = "ceval", "val", "dev", "choice"
-LAYOUT = "val/<subject>_val.csv and dev/<subject>_dev.csv with header id,question,A,B,C,D,answer"
+from megatune.evaluate.errors import EvalError
+from megatune.evaluate.tasks.base import Data, Example, MultipleChoiceTask
+from megatune.evaluate.tasks.common import choices_block, load_csv_subjects, load_hub
 
 # subject -> (Chinese name used in the prompt, category for the breakdown)
 SUBJECTS = {
@@ -58,47 +49,39 @@ SUBJECTS = {
 }
 
 
-def category(subject: str) -> str:
-    return SUBJECTS.get(subject, (subject, "Other"))[1]
-
-
-def _example(subject: str, row: dict, where: str) -> Example:
+def _example(subject: str, index: int, row: dict, where: str) -> Example:
     answer = (row.get("answer") or "").strip()
     if answer not in ("A", "B", "C", "D"):
-        raise UserError(f"{where}: answer {answer!r} is not one of A-D")
+        raise EvalError(f"{where}: answer {answer!r} is not one of A-D")
     return Example(subject=subject, question=row["question"].strip(), choices=[row[c] for c in "ABCD"],
-                   gold=answer, solution=row.get("explanation") or "", id=str(row.get("id", "")))
+                   gold=answer, solution=row.get("explanation") or "", id=str(row.get("id", index)))
 
 
-def load(root: Path | str | None, split: str = SPLIT) -> dict[str, list[Example]]:
-    root = data_root(root)
-    if root is not None:
-        local = load_csv_subjects(root / NAME, split, True, _example)
-        if local:
-            return local
-
-    def fetch() -> dict[str, list[Example]]:
-        return {s: [_example(s, row, f"ceval/ceval-exam {s}/{split}") for row in load_hub("ceval/ceval-exam", s, split)]
-                for s in SUBJECTS}
-
-    return hub_or_fail(NAME, root, LAYOUT, fetch)
+def _block(ex: Example) -> str:
+    return f"{ex.question}\n{choices_block(ex.choices, ex.letters)}\n答案："
 
 
-def native_prompt(ex: Example, shots: list[Example] = ()) -> str:
-    def block(e: Example) -> str:
-        return f"问题：{e.question}\n{choices_block(e)}\n答案："
+class Ceval(MultipleChoiceTask):
+    name, split, fewshot_split = "ceval", "val", "dev"
+    subsets = tuple(SUBJECTS)
 
-    head = f"以下是中国关于{SUBJECTS.get(ex.subject, (ex.subject,))[0]}考试的单项选择题，请选出其中的正确答案。\n"
-    return head + "".join(f"{block(s)}{s.gold}\n\n" for s in shots) + block(ex)
+    def layout(self, split: str) -> str:
+        return f"{split}/<subject>_{split}.csv with header id,question,A,B,C,D,answer"
 
+    def load_local(self, folder: Path, split: str, subsets: tuple[str, ...] | None) -> Data | None:
+        return load_csv_subjects(folder, split, True, _example, subsets)
 
-def ll_context(ex: Example, shots: list[Example] = ()) -> str:
-    def block(e: Example) -> str:
-        return f"{e.question}\n{choices_block(e)}\n答案："
+    def load_hub(self, split: str, subsets: tuple[str, ...]) -> Data:
+        return {s: [_example(s, i, row, f"ceval/ceval-exam {s}/{split} row {i + 1}")
+                    for i, row in enumerate(load_hub("ceval/ceval-exam", s, split))] for s in subsets}
 
-    head = f"以下是中国关于{SUBJECTS.get(ex.subject, (ex.subject,))[0]}的单项选择题，请选出其中的正确答案。\n\n"
-    return head + "".join(f"{block(s)} {s.gold}\n\n" for s in shots) + block(ex)
+    def category(self, subject: str) -> str | None:
+        return SUBJECTS.get(subject, (subject, "Other"))[1]
 
+    def native_prompt(self, ex: Example, shots=()) -> str:
+        head = f"以下是中国关于{SUBJECTS.get(ex.subject, (ex.subject,))[0]}考试的单项选择题，请选出其中的正确答案。\n"
+        return head + "".join(f"问题：{_block(s)}{s.gold}\n\n" for s in shots) + f"问题：{_block(ex)}"
 
-def ll_continuations(ex: Example) -> list[str]:
-    return [f" {letter}" for letter in ex.letters]
+    def ll_context(self, ex: Example, shots=()) -> str:
+        head = f"以下是中国关于{SUBJECTS.get(ex.subject, (ex.subject,))[0]}的单项选择题，请选出其中的正确答案。\n\n"
+        return head + "".join(f"{_block(s)} {s.gold}\n\n" for s in shots) + _block(ex)
