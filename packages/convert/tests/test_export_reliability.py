@@ -89,8 +89,9 @@ sys.exit(main(sys.argv[2:]))
 @pytest.mark.parametrize("direction", ["to_megatron", "to_hf"])
 def test_disk_full_while_writing(hf, meg, tmp_path, direction):
     out = tmp_path / "out"
-    flags = (["--model_id_or_path", str(hf), "--to_megatron", "true", "--tp", "2", "--megatron_output_dir", str(out)]
-             if direction == "to_megatron" else ["--ckpt_dir", str(meg), "--to_hf", "true", "--hf_output_dir", str(out)])
+    flags = {"to_megatron": ["--model_id_or_path", str(hf), "--to_megatron", "true", "--tp", "2",
+                             "--megatron_output_dir", str(out)],
+             "to_hf": ["--ckpt_dir", str(meg), "--to_hf", "true", "--hf_output_dir", str(out)]}[direction]
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(ENOSPC_AFTER), "300000", *flags],
                        capture_output=True, text=True)
     assert r.returncode == 1, r.stderr[-2000:]

@@ -22,6 +22,7 @@ process that is no longer running. Those primitives are implemented in fileio.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -29,22 +30,21 @@ import re
 import shutil
 import socket
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from megatune.convert.errors import ConvertError
 from megatune.convert.fileio import (  # the atomic-write primitives, re-exported: import them from here
-    atomic_dir,
     clean_stale,
-    contains,
     copy_file_atomic,
     dead_owner,
     exchange,
     free_bytes,
     fsync_dir,
     fsync_file,
+    human_size,
     publish_dir,
     recover,
     temp_sibling,
@@ -187,6 +187,56 @@ def publish_iteration(ckpt_dir: str | Path, iteration: int | str) -> Path:
     return final
 
 
+# ------------------------------------------------------------------------------------------------ export output
+def contains(outer: Path, inner: Path) -> bool:
+    """True when `inner` is `outer` or lies inside it (symlinks resolved)."""
+    outer, inner = Path(outer).resolve(), Path(inner).resolve()
+    return outer == inner or outer in inner.parents
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool, *, inputs: Iterable[str | Path] = (), need: int | None = None,
+               flag: str = "output") -> Iterator[Path]:
+    """Yield a fresh temp sibling of out_dir to fill; publish it at out_dir on success, remove it on any error
+    (a full disk becomes one line naming the file and the space needed). `inputs` may not be out_dir or lie inside
+    it (--overwrite would delete them); `need`: bytes to be written, checked against the free space first."""
+    out_dir = Path(out_dir)
+    for src in inputs:
+        if contains(out_dir, Path(src)):
+            raise ConvertError(f"{flag} {out_dir}: is or contains the input {src}; writing there would delete the "
+                               f"input: choose another output directory")
+    parent = out_dir.parent
+    for p in [parent, *parent.parents]:
+        if p.exists() and not p.is_dir():
+            raise ConvertError(f"{flag} {out_dir}: {p} is a file, not a directory; choose another output path")
+    recover(out_dir)
+    clean_stale(parent, out_dir.name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConvertError(f"{flag} {out_dir}: exists and is a file, not a directory; remove it or choose another "
+                           f"output path")
+    if out_dir.exists() and not overwrite:
+        raise ConvertError(f"{out_dir}: output directory exists; pass --overwrite true or choose another directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(parent, e) from None
+    if need is not None and free_bytes(parent) < need:
+        raise ConvertError(f"{out_dir}: not enough free space ({human_size(free_bytes(parent))} free, about "
+                           f"{human_size(need)} needed); free some space or write to another filesystem")
+    tmp = temp_sibling(out_dir)
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # first: the free space reported below is then real
+        if isinstance(e, OSError):  # named by its final path: the temporary one is gone
+            raise write_error(str(e.filename or out_dir).replace(str(tmp), str(out_dir)), e, need) from None
+        if isinstance(e, ConvertError) and str(tmp) in str(e):
+            raise ConvertError(str(e).replace(str(tmp), str(out_dir))) from None
+        raise
+
+
 # ------------------------------------------------------------------------------------------------ tracker, meta
 def write_latest(ckpt_dir: str | Path, iteration: int | str) -> None:
     """Atomically replace the tracker file: readers see the old or the new iteration, never a partial file."""
@@ -243,7 +293,8 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     for key, types in {**META_TYPES, **OPTIONAL_META_TYPES}.items():
         if key in meta and not _type_ok(meta[key], types):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise ConvertError(f"{path}: key {key!r} is {meta[key]!r}, expected {want}; the file was edited: restore it")
+            raise ConvertError(f"{path}: key {key!r} is {meta[key]!r}, expected {want}; the file was edited: "
+                               f"restore it")
     for key in ("tp", "pp"):
         if meta[key] < 1:
             raise ConvertError(f"{path}: key {key!r} is {meta[key]}, expected a size >= 1; restore the file")
@@ -276,7 +327,8 @@ def load_rank_file(path: str | Path, *, mmap: bool = True, meta: bool = False, r
     """A rank file (mmap keeps RSS to the pages touched); `rank`: the rank_record it must carry, when recorded."""
     state = safe_load(path, mmap=mmap, meta_device=meta)
     if not isinstance(state, dict):
-        raise ConvertError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict; the file is not a rank file")
+        raise ConvertError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict; the file is not a rank "
+                           f"file")
     if rank is not None:
         check_rank(state, Path(path), rank)
     return state
@@ -290,7 +342,8 @@ def load_distributed_optimizer_state(optimizer: Any, path: str | Path) -> None:
     single = len(chained) == 1
     states = None
     for i, opt in enumerate(chained):
-        if (single and getattr(opt, "is_stub_optimizer", False)) or not hasattr(opt, "load_parameter_state_from_dp_zero"):
+        stub = single and getattr(opt, "is_stub_optimizer", False)
+        if stub or not hasattr(opt, "load_parameter_state_from_dp_zero"):
             continue
         if opt.data_parallel_group.rank() == 0 and states is None:
             states = [safe_load(path)] if single else safe_load(path)

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,7 @@ def temp_sibling(path: str | Path, kind: str = "tmp") -> Path:
 
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB" if n >= 10**5 else f"{n} bytes"
 
 
@@ -171,8 +171,8 @@ def free_bytes(path: str | Path) -> int:
 def write_error(path: str | Path, e: OSError, need: int | None = None) -> ConvertError:
     """One line for a failed write: the file, what happened, and for a full disk the space that was needed."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        needed = f"; about {_size(need)} needed" if need else ""
-        return ConvertError(f"{path}: no space left on device ({_size(free_bytes(path))} free{needed}); free some "
+        needed = f"; about {human_size(need)} needed" if need else ""
+        return ConvertError(f"{path}: no space left on device ({human_size(free_bytes(path))} free{needed}); free some "
                             f"space or write to another filesystem")
     return ConvertError(f"{path}: cannot write ({e.strerror or e})")
 
@@ -340,52 +340,3 @@ def clean_stale(directory: str | Path, name: str | None = None,
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def contains(outer: Path, inner: Path) -> bool:
-    """True when `inner` is `outer` or lies inside it (symlinks resolved)."""
-    outer, inner = Path(outer).resolve(), Path(inner).resolve()
-    return outer == inner or outer in inner.parents
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | Path, overwrite: bool, *, inputs: Iterable[str | Path] = (), need: int | None = None,
-               flag: str = "output") -> Iterator[Path]:
-    """Yield a fresh temp sibling of out_dir to fill; publish it at out_dir on success, remove it on any error
-    (a full disk becomes one line naming the file and the space needed). `inputs` may not be out_dir or lie inside
-    it (--overwrite would delete them); `need`: bytes to be written, checked against the free space first."""
-    out_dir = Path(out_dir)
-    for src in inputs:
-        if contains(out_dir, Path(src)):
-            raise ConvertError(f"{flag} {out_dir}: is or contains the input {src}; writing there would delete the "
-                               f"input: choose another output directory")
-    parent = out_dir.parent
-    for p in [parent, *parent.parents]:
-        if p.exists() and not p.is_dir():
-            raise ConvertError(f"{flag} {out_dir}: {p} is a file, not a directory; choose another output path")
-    recover(out_dir)
-    clean_stale(parent, out_dir.name)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConvertError(f"{flag} {out_dir}: exists and is a file, not a directory; remove it or choose another "
-                           f"output path")
-    if out_dir.exists() and not overwrite:
-        raise ConvertError(f"{out_dir}: output directory exists; pass --overwrite true or choose another directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(parent, e) from None
-    if need is not None and free_bytes(parent) < need:
-        raise ConvertError(f"{out_dir}: not enough free space ({_size(free_bytes(parent))} free, about {_size(need)} "
-                           f"needed); free some space or write to another filesystem")
-    tmp = temp_sibling(out_dir)
-    tmp.mkdir()
-    try:
-        yield tmp
-        publish_dir(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # first: the free space reported below is then real
-        if isinstance(e, OSError):  # named by its final path: the temporary one is gone
-            raise write_error(str(e.filename or out_dir).replace(str(tmp), str(out_dir)), e, need) from None
-        if isinstance(e, ConvertError) and str(tmp) in str(e):
-            raise ConvertError(str(e).replace(str(tmp), str(out_dir))) from None
-        raise

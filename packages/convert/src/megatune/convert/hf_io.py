@@ -135,9 +135,9 @@ class HFReader:
         """Rows [start, stop) of dim 0 straight into `out` (contiguous, same dtype): one positional read."""
         fd, offset, shape, dtype, row = self._span(name)
         if not (out.is_contiguous() and out.dtype == dtype and out.numel() * dtype.itemsize == (stop - start) * row):
-            raise ConvertError(f"{self.dir / self.files[name]}: tensor {name!r} is stored as {shape} {dtype}, which does not "
-                               f"fit the {list(out.shape)} {out.dtype} rows [{start}, {stop}) that config.json implies; "
-                               f"the file header was changed: re-download the model")
+            raise ConvertError(f"{self.dir / self.files[name]}: tensor {name!r} is stored as {shape} {dtype}, which "
+                               f"does not fit the {list(out.shape)} {out.dtype} rows [{start}, {stop}) that "
+                               f"config.json implies; the file header was changed: re-download the model")
         if out.numel():
             if read_into(fd, offset + start * row, as_bytes(out)) != (stop - start) * row:
                 raise ConvertError(f"{self.dir / self.files[name]}: tensor {name!r} truncated; re-download the model")
