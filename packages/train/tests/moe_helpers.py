@@ -130,33 +130,7 @@ def shard_for_rank(full: dict, model) -> dict[str, torch.Tensor]:
 
 
 def build(cfg: dict, *, tp: int, pp: int, settings=None, sequence_parallel: bool = False, **overrides):
-    """One MoE GPTModel chunk for this rank (after init_distributed(tp, pp, ep=...)), fp32, CPU mode."""
-    from megatron.core import parallel_state as ps
-    from megatune.convert.layout import padded_vocab_size
-    from megatune.train import moe, moe_spec
-    from megatune.train.model import MegatuneGPTModel, PositionRotaryEmbedding, rope_inv_freq, transformer_config
-    from megatune.train.moe_router import MoEBook
+    """One MoE GPTModel chunk for this rank through model.build_model (after init_distributed(tp, pp, ep=...))."""
+    from megatune.train.model import build_model
 
-    shape = moe.moe_shape(cfg)
-    settings = settings or moe.MoESettings(ep=ps.get_expert_model_parallel_world_size())
-    fields = {**moe.transformer_fields(shape, settings, tp=tp), **overrides}
-    # until convert has MoE family rows: the dense twin's row gives attention/norm/rope fields
-    dense = {"qwen2_moe": "Qwen2ForCausalLM", "qwen3_moe": "Qwen3ForCausalLM", "mixtral": "MistralForCausalLM"}
-    twin = dict(cfg, architectures=[dense[cfg["model_type"]]])
-    config = transformer_config(twin, tp=tp, pp=pp, sequence_parallel=sequence_parallel, **fields)
-    book = MoEBook(num_experts=shape.num_experts, topk=config.moe_router_topk, norm_topk=shape.norm_topk,
-                   num_layers=config.num_layers, moe_layers=shape.num_moe_layers,
-                   aux_coeff=shape.aux_coeff if settings.aux_coeff is None else settings.aux_coeff,
-                   z_coeff=settings.z_coeff, sequence_parallel=config.sequence_parallel, device=torch.device("cpu"))
-    qk = cfg["model_type"] == "qwen3_moe"
-    block = moe_spec.moe_block_spec(config, qk, book=book, grouped_gemm=settings.grouped_gemm)
-    model = MegatuneGPTModel(config=config, transformer_layer_spec=block,
-                             vocab_size=padded_vocab_size(cfg["vocab_size"], 128, tp), max_sequence_length=512,
-                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                             parallel_output=True, share_embeddings_and_output_weights=False,
-                             position_embedding_type="rope", rotary_percent=1.0, rotary_base=cfg["rope_theta"])
-    model.rotary_pos_emb.__class__ = PositionRotaryEmbedding
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    model.rotary_pos_emb.inv_freq = rope_inv_freq(head_dim, cfg["rope_theta"], None)
-    moe_spec.attach(model, book)
-    return model
+    return build_model(cfg, tp=tp, pp=pp, sequence_parallel=sequence_parallel, moe=settings, **overrides)[0]

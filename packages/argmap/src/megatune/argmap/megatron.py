@@ -63,6 +63,13 @@ class MegatronArguments:
     world_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # mixture of experts
+    expert_model_parallel_size: int = 1
+    moe_router_topk: int | None = 2
+    moe_aux_loss_coeff: float | None = 0.0
+    moe_z_loss_coeff: float | None = None
+    moe_grouped_gemm: bool = False
+    moe_token_dispatcher_type: str = "allgather"
     # precision
     fp16: bool = False
     bf16: bool = False

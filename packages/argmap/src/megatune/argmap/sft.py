@@ -102,6 +102,20 @@ class SftArguments:
     tp: int | None = _f(None, "tensor parallel size; default the checkpoint's tp, else 1 [swift2.5: 1]")
     pp: int | None = _f(None, "pipeline parallel size; default the checkpoint's pp, else 1 [swift2.5: 1]")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tp > 1 to matter) [swift2.5]")
+    # mixture of experts (MoE checkpoints only); unset values come from the checkpoint's HF config
+    expert_model_parallel_size: int = _f(
+        1, "expert parallel size: routed experts split over ep ranks carved out of data parallelism; must divide "
+        "the expert count, world size a multiple of tp x pp x ep [swift-meg]", aliases=("ep",))
+    moe_router_topk: int | None = _f(None, "experts per token; default the checkpoint's num_experts_per_tok [swift-meg]")
+    moe_aux_loss_coeff: float | None = _f(
+        None, "load-balancing loss coefficient (HF's loss over all MoE layers of a micro-batch); default the "
+        "checkpoint's router_aux_loss_coef [swift-meg]")
+    moe_z_loss_coeff: float | None = _f(None, "router z-loss coefficient; unset: no z-loss [swift-meg]")
+    moe_grouped_gemm: bool = _f(
+        True, "routed experts as grouped GEMMs (torch grouped_mm on Hopper+, bf16); false: one GEMM per expert "
+        "(megatron-core's SequentialMLP); same weights and names either way [swift-meg]")
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = _f(
+        "alltoall", "how tokens reach their experts' ranks: alltoall (all-to-all over ep) or allgather [swift-meg]")
     use_distributed_optimizer: bool = _f(True, "shard optimizer state over data-parallel ranks [swift-meg]")
     recompute_granularity: Literal["none", "selective", "full"] = _f(
         "selective", "activation recomputation [swift-meg]")

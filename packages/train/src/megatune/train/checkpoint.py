@@ -58,6 +58,19 @@ def _coords() -> tuple[int, int, int, int]:
             parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
 
 
+def _expert_coords() -> tuple[int, int]:
+    """(ep, ep_rank): expert parallelism adds the ep rank to the rank file's name and record (ckpt_layout)."""
+    return (parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_model_parallel_rank())
+
+
+def _writes_rank_file() -> bool:
+    """One writer per (tp, pp, ep) coordinate: data-parallel rank 0, or with ep > 1 expert-data-parallel rank 0 (ep
+    ranks are carved out of data parallelism and hold different experts)."""
+    if _expert_coords()[0] > 1:
+        return parallel_state.get_expert_data_parallel_rank() == 0
+    return parallel_state.get_data_parallel_rank() == 0
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -95,12 +108,13 @@ def load_pretrained(model_chunks, source_dir, *, iteration: int | str | None = N
     source_dir = Path(source_dir)
     kind = _source_kind(source_dir)
     tp, pp, tp_rank, pp_rank = _coords()
+    ep, ep_rank = _expert_coords()
     dtype = next(unwrap(model).parameters()).dtype
     try:
         if kind == "hf":
             state = api.hf_to_megatron_rank(source_dir, tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank,
                                             naming=_naming(model), dtype=dtype,
-                                            layers_per_stage=layers_per_stage(model))
+                                            layers_per_stage=layers_per_stage(model), ep=ep, ep_rank=ep_rank)
             iteration = None
         else:
             meta = api.read_meta(source_dir)
@@ -110,7 +124,7 @@ def load_pretrained(model_chunks, source_dir, *, iteration: int | str | None = N
                                  f"(spec='te' needs transformer-engine) or re-convert from HF")
             iteration = api.read_latest(source_dir) if iteration is None else iteration
             state = api.load_megatron_rank(source_dir, tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank,
-                                           iteration=iteration)
+                                           iteration=iteration, ep=ep, ep_rank=ep_rank)
     except ConvertError as e:
         raise TrainError(str(e)) from None
     load_model_state(model, state, str(source_dir))
@@ -133,7 +147,7 @@ def run_meta(meta: dict, model_chunks) -> dict:
             "model_type": meta.get("model_type") or hf.get("model_type"),
             "architecture": meta.get("architecture") or (hf.get("architectures") or [None])[0],
             "hf_config": hf, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "tp": tp,
-            "pp": pp, "layers_per_stage": layers_per_stage(model), "vocab_size": vocab,
+            "pp": pp, "ep": _expert_coords()[0], "layers_per_stage": layers_per_stage(model), "vocab_size": vocab,
             "padded_vocab_size": padded_vocab_size(vocab, divisible, tp), "make_vocab_size_divisible_by": divisible,
             "naming": _naming(model), "tied_embeddings": tied}
 
@@ -171,7 +185,8 @@ def _load_optimizer(optimizer, state: dict, directory: Path, iteration, coords) 
     from megatune.train.fused import torch_optimizers, use_fused_adamw
 
     tp, pp, tp_rank, pp_rank = coords
-    shard = ckpt_layout.distrib_optim_file(directory, iteration, tp_rank, pp_rank, pp)
+    ep, ep_rank = _expert_coords()
+    shard = ckpt_layout.distrib_optim_file(directory, iteration, tp_rank, pp_rank, pp, ep_rank=ep_rank, ep=ep)
     if is_distributed_optimizer(optimizer) and not shard.is_file():
         optimizer.reload_model_params()
         return (f"megatune sft: {directory} holds no distributed-optimizer state ({ckpt_layout.DISTRIB_OPTIM}); "
@@ -214,7 +229,8 @@ class LegacyFormat(CheckpointFormat):
 
     def _rank_file(self, iteration) -> Path:
         tp, pp, tp_rank, pp_rank = _coords()
-        return ckpt_layout.rank_file(self.directory, iteration, tp_rank, pp_rank, pp)
+        ep, ep_rank = _expert_coords()
+        return ckpt_layout.rank_file(self.directory, iteration, tp_rank, pp_rank, pp, ep_rank=ep_rank, ep=ep)
 
     def save(self, states: Mapping[str, Stateful], iteration: int) -> Path:
         """Every rank calls; DP rank 0 of each (tp, pp) writes its rank file into the staging dir, rank 0 swaps it in,
@@ -231,11 +247,12 @@ class LegacyFormat(CheckpointFormat):
         _barrier()
         rank_path = self._rank_file(iteration)
         staged = tmp / rank_path.parent.name / rank_path.name
-        if parallel_state.get_data_parallel_rank() == 0:
+        if _writes_rank_file():
             extra = {self.EXTRA_KEYS.get(k, k): v.state_dict() for k, v in states.items() if k not in self.FILE_KEYS}
             state = {"model": model.state_dict(), "checkpoint_version": CHECKPOINT_VERSION,
                      "iteration": int(iteration), "args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
-                     "extra": extra, ckpt_layout.RANK_KEY: ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank)}
+                     "extra": extra,
+                     ckpt_layout.RANK_KEY: ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank, *_expert_coords())}
             for key in ("optimizer", "scheduler"):
                 if key in states:
                     state[self.FILE_KEYS[key]] = states[key].state_dict()
@@ -271,15 +288,16 @@ class LegacyFormat(CheckpointFormat):
         except ConvertError as e:
             raise TrainError(str(e)) from None
         coords = _coords()
-        if (meta["tp"], meta["pp"]) != coords[:2]:
+        ep = _expert_coords()[0]
+        if (meta["tp"], meta["pp"], meta.get("ep", 1)) != (*coords[:2], ep):
             if set(states) != {"model"}:
-                raise TrainError(f"{self.directory}: saved with tp={meta['tp']} pp={meta['pp']}, running "
-                                 f"tp={coords[0]} pp={coords[1]}; optimizer and data state cannot be resharded: resume "
-                                 f"with the same tp/pp, or load the weights only")
+                raise TrainError(f"{self.directory}: saved with tp={meta['tp']} pp={meta['pp']} ep={meta.get('ep', 1)}, "
+                                 f"running tp={coords[0]} pp={coords[1]} ep={ep}; optimizer and data state cannot be "
+                                 f"resharded: resume with the same tp/pp/ep, or load the weights only")
             load_pretrained(states["model"].chunks, self.directory, iteration=iteration)
             return Loaded(iteration, meta, {})
         path = self._rank_file(iteration)
-        state = _torch_load(path, ckpt_layout.rank_record(coords[0], coords[2], coords[1], coords[3]))
+        state = _torch_load(path, ckpt_layout.rank_record(coords[0], coords[2], coords[1], coords[3], *_expert_coords()))
         states["model"].load_state_dict(state["model"], source=str(path))
         notes: tuple[str, ...] = ()
         if "optimizer" in states:

@@ -167,9 +167,10 @@ def transformer_config(hf_config: dict, *, tp: int, pp: int, params_dtype=torch.
 
 def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float32, sequence_parallel: bool = False,
                 recompute_granularity: str | None = None, spec: str | None = None, seq_length: int | None = None,
-                layers_per_stage=None, make_vocab_size_divisible_by: int | None = None,
+                layers_per_stage=None, make_vocab_size_divisible_by: int | None = None, moe=None,
                 **config_overrides) -> list[GPTModel]:
     """One GPTModel chunk for this rank (pre/post process by PP stage), after init_distributed(tp, pp).
+    MoE families get moe_spec's layers; `moe`: their run-time choices (moe.MoESettings, default: the HF config's).
 
     `meta_or_hf_config`: megatune.json dict, HF config.json dict, or a directory holding one. `config_overrides`
     go to TransformerConfig (e.g. variable_seq_lengths=True, hidden_dropout=0.1)."""
@@ -191,6 +192,15 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
     spec = policy.layer_spec if spec in (None, "auto") else spec
     if spec not in ("te", "native"):
         raise TrainError(f"spec={spec!r}: use 'te' or 'native' (None: the device policy's)")
+    from megatune.train import moe as moe_mod
+    from megatune.train import moe_spec
+
+    shape = moe_mod.moe_shape(hf_config)  # None for a dense model
+    if shape is not None:
+        if spec == "te":
+            raise TrainError("MoE models train with megatune's native spec; pass --transformer_impl native")
+        moe = (moe or moe_mod.MoESettings(ep=parallel_state.get_expert_model_parallel_world_size())).resolve(hf_config)
+        config_overrides = {**moe_mod.transformer_fields(shape, moe, tp=tp), **config_overrides}
     if policy.compiled_kernels and spec == "native":
         # compiled SwiGLU (megatron-core's bias_swiglu_impl) and our compiled RoPE in place of TE's (fused.py)
         fast = {"bias_activation_fusion": True, "apply_rope_fusion": fused.register_rope()}
@@ -198,8 +208,12 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
     config = transformer_config(hf_config, tp=tp, pp=pp, params_dtype=params_dtype,
                                 sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity,
                                 layers_per_stage=layers_per_stage, **config_overrides)
-    layer_spec = (te_block_spec(a["qk_layernorm"]) if spec == "te"
-                  else native_block_spec(config, a["qk_layernorm"]))
+    book = None
+    if shape is not None:
+        layer_spec, book = moe_spec.moe_block(config, shape, moe, a["qk_layernorm"])
+    else:
+        layer_spec = (te_block_spec(a["qk_layernorm"]) if spec == "te"
+                      else native_block_spec(config, a["qk_layernorm"]))
     divisible = make_vocab_size_divisible_by or meta.get("make_vocab_size_divisible_by") or 128
     scaling = a["rope_scaling"]
     kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
@@ -219,6 +233,8 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
     model.megatune_fused_loss = policy.fused_loss
     model.megatune_spec = spec  # "te" | "native": the state-dict naming, for load_pretrained/save_checkpoint
     model.megatune_hf_config = hf_config
+    if book is not None:
+        moe_spec.attach(model, book)  # model.megatune_moe_book: the MoE losses and load of each step
     if policy.device_type == "cuda":
         model.cuda(torch.cuda.current_device())
     return [model]

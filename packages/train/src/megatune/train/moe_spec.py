@@ -35,9 +35,10 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
     get_transformer_layer_offset,
 )
-from megatune.train import cpu_mode, moe_cpu
+from megatune.train import moe_cpu
 from megatune.train.moe_experts import GroupedExperts
 from megatune.train.moe_router import HFRouter, MoEBook, StageSync
+from megatune.train.policy import active as active_policy
 from megatune.train.spec import RMSNorm, native_layer_spec
 
 
@@ -59,7 +60,7 @@ def moe_block_spec(config, qk_layernorm: bool, *, book: MoEBook, grouped_gemm: b
     pattern = config.moe_layer_freq
     if not isinstance(pattern, list) or len(pattern) != config.num_layers:
         raise ValueError(f"moe_layer_freq must be a list of {config.num_layers} 0/1 entries, got {pattern!r}")
-    if cpu_mode.is_cpu_mode():
+    if active_policy().device_type == "cpu":
         moe_cpu.enable()
     dense = native_layer_spec(qk_layernorm)
     sparse = moe_layer_spec(qk_layernorm, book=book, grouped_gemm=grouped_gemm)
@@ -67,6 +68,14 @@ def moe_block_spec(config, qk_layernorm: bool, *, book: MoEBook, grouped_gemm: b
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[sparse if pattern[offset + i] else dense for i in range(n)],
                                       layer_norm=RMSNorm)
+
+
+def moe_block(config, shape, settings, qk_layernorm: bool) -> tuple[TransformerBlockSubmodules, MoEBook]:
+    """The block spec of this stage and the MoEBook its routers report to (attach it after building the model)."""
+    book = MoEBook(num_experts=shape.experts, topk=config.moe_router_topk, norm_topk=shape.norm_topk,
+                   num_layers=config.num_layers, moe_layers=sum(shape.moe_layers), aux_coeff=settings.aux_coeff,
+                   z_coeff=settings.z_coeff, sequence_parallel=config.sequence_parallel, device=active_policy().device)
+    return moe_block_spec(config, qk_layernorm, book=book, grouped_gemm=settings.grouped_gemm), book
 
 
 def attach(model, book: MoEBook) -> None:
