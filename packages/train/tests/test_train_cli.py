@@ -58,13 +58,14 @@ def chain(tmp_path_factory):
             break
     killed.wait(timeout=60)
     (first,) = (out / "tiny-qwen2").iterdir()
+    half_written = (first / f".iter_{STEPS:07d}.tmp").is_dir()
 
     # 2. resume from the crashed run dir
     resumed = subprocess.run(_sft_cmd(model, out, resume_from_checkpoint=first), env=_env(),
                              capture_output=True, text=True, timeout=600)
     second = next(p for p in (out / "tiny-qwen2").iterdir() if p != first)
     return {"model": model, "first": first, "second": second, "in_save": in_save, "killed_rc": killed.returncode,
-            "resumed": resumed}
+            "resumed": resumed, "half_written": half_written}
 
 
 @pytest.mark.slow
@@ -73,7 +74,8 @@ def test_kill_during_save_keeps_previous_checkpoint(chain):
 
     first = chain["first"]
     assert chain["in_save"] and chain["killed_rc"] == -signal.SIGKILL
-    assert (first / f".iter_{STEPS:07d}.tmp").is_dir()  # the half-written save
+    assert chain["half_written"]  # the half-written save, right after the kill
+    assert not (first / f".iter_{STEPS:07d}.tmp").exists()  # removed by the next run: its writer is provably dead
     assert not (first / f"iter_{STEPS:07d}").exists()
     assert api.read_latest(first) == SAVE
     state = api.load_megatron_rank(first, tp=1, pp=1, tp_rank=0, pp_rank=0)  # the previous checkpoint loads

@@ -9,17 +9,27 @@
 
 Only global rank 0 writes; other ranks get a RunLogger with enabled=False whose methods do nothing, so the trainer
 never branches on rank. N is the next free version index (max existing + 1), as swift numbers its runs.
+
+Run dirs are created by `create_run_dir`: under an flock on output/{name} and with an exclusive mkdir, so runs
+started together never share a dir (nor a version number). The creating process keeps a shared flock on its run dir
+while it lives; a run dir that is still empty when its process exits is removed, and one left empty by a killed
+process (its flock is gone) is removed by the next run, together with the other runs' provably stale checkpoint
+leftovers (`.iter_N.tmp` of a killed save, see megatune.convert.ckpt_layout).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +43,92 @@ def next_version_dir(output_dir: str | os.PathLike, name: str, now: datetime | N
     versions = [int(m.group(1)) for p in (base.iterdir() if base.is_dir() else ()) if (m := _VERSION_RE.match(p.name))]
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     return base / f"v{max(versions, default=-1) + 1}-{stamp}"
+
+
+_HELD: dict[Path, int] = {}  # run dir -> fd holding its shared flock for this process's lifetime
+
+
+@contextlib.contextmanager
+def _flocked(directory: Path, mode: int) -> Iterator[bool]:
+    """Hold flock(mode) on `directory`; yields whether the lock is held (False: taken by another process, with
+    LOCK_NB, or a filesystem without flock, where the exclusive mkdir alone keeps runs apart)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, mode)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _hold(run_dir: Path) -> None:
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        pass
+    _HELD[run_dir] = fd
+    atexit.register(remove_if_empty, run_dir)
+
+
+def remove_if_empty(run_dir: Path) -> bool:
+    """Remove `run_dir` when nothing was written into it (a run that failed before logging anything)."""
+    fd = _HELD.pop(Path(run_dir), None)
+    if fd is not None:
+        os.close(fd)
+    try:
+        os.rmdir(run_dir)  # refuses a non-empty dir
+    except OSError:
+        return False
+    return True
+
+
+def clean_stale_runs(base: Path) -> list[Path]:
+    """In output/{name}: remove run dirs left empty by a dead process, and the other runs' provably stale
+    checkpoint leftovers. Call it holding the exclusive lock on `base` (create_run_dir does)."""
+    from megatune.convert.ckpt_layout import clean_stale_leftovers
+
+    removed: list[Path] = []
+    for run in sorted(p for p in base.iterdir() if _VERSION_RE.match(p.name) and p.is_dir() and p not in _HELD):
+        try:
+            empty = not any(run.iterdir())
+            if empty:
+                with _flocked(run, fcntl.LOCK_EX | fcntl.LOCK_NB) as free:  # its creator holds LOCK_SH while alive
+                    if free and not any(run.iterdir()):
+                        run.rmdir()
+                        removed.append(run)
+            else:
+                removed += clean_stale_leftovers(run)
+        except OSError:  # another user's run, or it went away meanwhile: not ours to clean
+            continue
+    return removed
+
+
+def create_run_dir(output_dir: str | os.PathLike, name: str, now: datetime | None = None) -> tuple[Path, str | None]:
+    """(`output_dir/name/v{N}-{time}`, None), created for this run alone; or (the path it would have had, a reason
+    for one error line) when it cannot be created or written to."""
+    base = Path(output_dir) / name
+    path = next_version_dir(output_dir, name, now)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with _flocked(base, fcntl.LOCK_EX):
+            clean_stale_runs(base)
+            for _ in range(1000):
+                path = next_version_dir(output_dir, name, now)
+                try:
+                    path.mkdir()
+                except FileExistsError:  # a run without the lock (another host on NFS) took it: the next N
+                    continue
+                _hold(path)
+                break
+            else:
+                return path, f"could not create a new run dir in {str(base)!r} (1000 attempts)"
+    except OSError as e:
+        return path, f"output directory {str(base)!r} is not writable ({e.strerror or e})"
+    return path, check_writable(path)
 
 
 def check_writable(path: Path) -> str | None:
@@ -105,7 +201,9 @@ class RunLogger:
             body = {"sft": body}
         body["megatron"] = _jsonable(megatron)
         body.update(_jsonable(extra or {}))
-        (self.run_dir / "args.json").write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        from megatune.convert.ckpt_layout import write_text_atomic  # resume reads args.json: never half written
+
+        write_text_atomic(self.run_dir / "args.json", json.dumps(body, indent=2, ensure_ascii=False) + "\n")
 
     def _write(self, record: dict) -> None:
         self._jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")

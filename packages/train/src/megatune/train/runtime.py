@@ -93,13 +93,14 @@ def batch_iterator(dataset, *, mbs: int, num_micro_batches: int, dist, seed: int
 
 
 def pick_run_dir(sft, source: Source, dist) -> Path:
-    """Rank 0 picks output/{name}/v{N}-{time} and checks it is writable; every rank gets the same answer."""
-    from megatune.train.rundir import check_writable, next_version_dir
+    """Rank 0 creates output/{name}/v{N}-{time} (for this run alone) and checks it is writable; every rank gets the
+    same answer."""
+    from megatune.train.rundir import create_run_dir
 
     answer: list[Any] = [None, None]
     if dist.rank == 0:
-        run_dir = next_version_dir(sft.output_dir, source.name)
-        answer = [str(run_dir), check_writable(run_dir)]
+        run_dir, reason = create_run_dir(sft.output_dir, source.name)
+        answer = [str(run_dir), reason]
     if dist.world_size > 1:
         torch.distributed.broadcast_object_list(answer, src=0)
     if answer[1]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from megatune.train import metrics, steps
+from megatune.train.errors import TrainError
 from megatune.train.optim import current_lr, scheduler_increment
 from megatune.train.plan import TrainingPlan
 from megatune.train.rundir import RunLogger
@@ -115,6 +117,16 @@ def _slow_saves(iteration: int):
         torch.save = real_save
 
 
+def stop_if_not_finite(iteration: int, out: dict) -> None:
+    """Megatron-LM's NaN check: a non-finite loss or grad norm stops the run before NaN weights are saved. The loss
+    and grad norm are all-reduced, so every rank sees the same values and stops here together."""
+    bad = [f"{name.replace('_', ' ')} {float(out[name])}" for name in ("loss", "grad_norm")
+           if out.get(name) is not None and not math.isfinite(float(out[name]))]
+    if bad:
+        raise TrainError(f"iteration {iteration}: {' and '.join(bad)}; stopped without saving it (the last checkpoint "
+                         f"is kept); lower --learning_rate, or check the data and the starting weights for NaN/Inf")
+
+
 def train(run: Run) -> dict[str, Any]:
     """Run iterations start_iteration+1 .. train_iters; returns {"losses": [...], "eval_losses": [...], ...}."""
     args = run.args
@@ -140,6 +152,7 @@ def train(run: Run) -> dict[str, Any]:
                                increment=increment, device=run.device)
         seconds = time.perf_counter() - t0
         iteration += 1
+        stop_if_not_finite(iteration, out)
         losses.append(out["loss"])
         window["loss_sum"] += out["loss"]
         window["steps"] += 1
