@@ -154,7 +154,7 @@ class MoEBook:
             counts = counts + (rec.earlier_counts + later).to(self.device)
         if self.step_scale is None:
             raise TrainError("MoE losses: no step scale; call MoEBook.begin_step(microbatches) before the backward "
-                             "pass (megatune.train.moe_step.train_step does)")
+                             "pass (megatune.train.steps.train_step does)")
         loss_scale = MoEAuxLossAutoScaler.main_loss_backward_scale  # fp16 loss scale, 1 otherwise
         scale = self.step_scale * (1.0 if loss_scale is None else float(loss_scale))
         n = max(rec.tokens, 1.0)
@@ -217,6 +217,14 @@ class MoEBook:
                        expert_load_max_over_mean=float((moe_rows.max(1).values / mean).max()))
         self.records, self.forward_record, self.backward_record, self.step_scale = [], None, None, None
         return out
+
+
+def book_of(model_chunks: list) -> MoEBook | None:
+    """The MoEBook of a (DDP / Float16Module wrapped) model built by model.build_model; None for a dense model."""
+    module = model_chunks[0]
+    while hasattr(module, "module"):
+        module = module.module
+    return getattr(module, "megatune_moe_book", None)
 
 
 class _LossHook(torch.autograd.Function):

@@ -117,19 +117,34 @@ def check_model_split(hf_config: dict, tp: int, pp: int, where: str = "config.js
 
 def resolve_parallel(sft: SftArguments, source: Source, world_size: int) -> Parallel:
     """Unset --tp/--pp follow the checkpoint (swift: `--resume_from_checkpoint ...-tp2-pp1` on 4 GPUs = TP2 x DP2)."""
-    tp, pp, ep = sft.tp or source.meta.get("tp") or 1, sft.pp or source.meta.get("pp") or 1, 1
-    if world_size % (tp * pp * ep):
+    from megatune.train import moe
+
+    tp, pp = sft.tp or source.meta.get("tp") or 1, sft.pp or source.meta.get("pp") or 1
+    ep = sft.expert_model_parallel_size
+    if world_size % (tp * pp):
         raise TrainError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the world size {world_size}; launch a "
                          f"multiple of {tp * pp} processes (NPROC_PER_NODE x NNODES)")
     check_model_split(source.hf_config, tp, pp, where=f"{source.path}/config.json")
+    where = f"{source.path}/config.json"
+    shape = moe.moe_shape(source.hf_config, where)
+    moe.check_expert_parallel(shape, moe.MoESettings.from_args(_moe_args(sft)), tp=tp, pp=pp, world_size=world_size,
+                              where=where)
     saved = (source.meta.get("tp"), source.meta.get("pp"))
     if source.kind == "run" and saved != (tp, pp):
         raise TrainError(f"{source.path}: run saved with tp={saved[0]} pp={saved[1]}, this run has tp={tp} pp={pp}; "
                          f"optimizer state cannot be resharded: pass --tp {saved[0]} --pp {saved[1]} to continue it, "
                          f"or export it (`megatune export --ckpt_dir DIR --to_hf true`) and start from "
                          f"--model_id_or_path DIR/{source.meta.get('model_type')}-hf")
-    return Parallel(world_size=world_size, tp=tp, pp=pp, dp=world_size // (tp * pp * ep), ep=ep,
-                    sp=bool(sft.sequence_parallel) and tp > 1)
+    # megatron-core's MoELayer refuses to train with tp > 1 without sequence parallelism: MoE turns it on
+    return Parallel(world_size=world_size, tp=tp, pp=pp, dp=world_size // (tp * pp), ep=ep,
+                    sp=(bool(sft.sequence_parallel) or shape is not None) and tp > 1)
+
+
+def _moe_args(sft: SftArguments) -> dict:
+    """The MoE flags under their Megatron-LM names (moe.MoESettings.from_args reads them)."""
+    return {"expert_model_parallel_size": sft.expert_model_parallel_size, "moe_router_topk": sft.moe_router_topk,
+            "moe_aux_loss_coeff": sft.moe_aux_loss_coeff, "moe_z_loss_coeff": sft.moe_z_loss_coeff,
+            "moe_grouped_gemm": sft.moe_grouped_gemm, "moe_token_dispatcher_type": sft.moe_token_dispatcher_type}
 
 
 def refuse_unsupported(sft: SftArguments) -> None:
@@ -142,9 +157,15 @@ def refuse_unsupported(sft: SftArguments) -> None:
                             "pre-tokenized rows in the training process, with no worker processes", "pass 0 or 1")
 
 
-def _as_run(sft: SftArguments, parallel: Parallel, policy: DevicePolicy) -> SftArguments:
-    """The arguments as they will run (tp/pp/sp resolved, precision and optimizer after the device policy), the input
-    of argmap's translation. Never stored: the plan keeps the user's arguments and the translation."""
+def _as_run(sft: SftArguments, parallel: Parallel, policy: DevicePolicy, hf_config: dict) -> SftArguments:
+    """The arguments as they will run (tp/pp/sp resolved, precision and optimizer after the device policy, MoE
+    top-k / aux coefficient from the HF config when unset), the input of argmap's translation. Never stored: the plan
+    keeps the user's arguments and the translation."""
+    from megatune.train import moe
+
+    if moe.moe_shape(hf_config) is not None:
+        resolved = moe.MoESettings.from_args(_moe_args(sft)).resolve(hf_config)
+        sft = dataclasses.replace(sft, moe_router_topk=resolved.topk, moe_aux_loss_coeff=resolved.aux_coeff)
     return dataclasses.replace(
         sft, tp=parallel.tp, pp=parallel.pp, sequence_parallel=parallel.sp, bf16=policy.precision == "bf16",
         fp16=policy.precision == "fp16", use_distributed_optimizer=policy.distributed_optimizer,
@@ -192,7 +213,7 @@ def resolve_plan(sft: SftArguments, source: Source, parallel: Parallel, policy: 
                  val_rows: int, run_dir: Path) -> TrainingPlan:
     """The plan, once: `train_rows` counts packed rows with --packing (what an iteration consumes). A batch size
     that does not divide raises argmap's ArgumentError (a usage error)."""
-    megatron = to_megatron(_as_run(sft, parallel, policy), world_size=parallel.world_size, train_len=train_rows,
-                           val_len=val_rows, load=str(source.path), save=str(run_dir))
+    megatron = to_megatron(_as_run(sft, parallel, policy, source.hf_config), world_size=parallel.world_size,
+                           train_len=train_rows, val_len=val_rows, load=str(source.path), save=str(run_dir))
     return TrainingPlan(args=sft, source=source, parallel=parallel, policy=policy, megatron=megatron,
                         run_dir=Path(run_dir))

@@ -194,13 +194,14 @@ def setup_plan(sft, source: Source, parallel: Parallel, policy: DevicePolicy, da
 def setup_model(plan: TrainingPlan, data: Data) -> tuple[list, list]:
     """(GPTModel chunks with the source's weights, the same wrapped in DDP)."""
     from megatune.train import checkpoint, model
+    from megatune.train.moe import MoESettings
 
     source = plan.source
     chunks = model.build_model(source.meta if source.kind != "hf" else source.hf_config, tp=plan.parallel.tp,
                                pp=plan.parallel.pp, params_dtype=plan.policy.params_dtype,
                                sequence_parallel=plan.parallel.sp,
                                recompute_granularity=plan.megatron.recompute_granularity, spec=plan.policy.layer_spec,
-                               seq_length=data.config.max_length)
+                               seq_length=data.config.max_length, moe=MoESettings.from_args(plan.megatron))
     checkpoint.load_pretrained(chunks, source.path)
     return chunks, wrap_model(chunks, plan.policy)
 

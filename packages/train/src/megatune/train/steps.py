@@ -100,15 +100,25 @@ def forward_backward(model: list, microbatches: list[dict], forward_step, *, for
 
 def train_step(model: list, optimizer, scheduler, microbatches: list[dict], forward_step, *, increment: int,
                device: torch.device) -> dict[str, Any]:
-    """Zero grads, forward+backward every micro-batch, clip + step, advance the LR schedule."""
+    """Zero grads, forward+backward every micro-batch, clip + step, advance the LR schedule. MoE models add their
+    load-balancing / z-loss through the model's MoEBook (moe_router.py) and report them under "moe"."""
+    from megatune.train.moe_router import book_of
+
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    book = book_of(model)
+    if book is not None:
+        book.begin_step(microbatches)
+        forward_step = book.wrap_forward_step(forward_step)
     loss_sum, tokens = forward_backward(model, microbatches, forward_step, forward_only=False, device=device)
     ok, grad_norm, _ = optimizer.step()
     if ok:  # fp16 overflow skips the update; Megatron-LM then leaves the schedule where it was
         scheduler.step(increment=increment)
-    return {"loss": loss_sum / max(tokens, 1), "loss_tokens": tokens, "grad_norm": grad_norm, "skipped": not ok}
+    out = {"loss": loss_sum / max(tokens, 1), "loss_tokens": tokens, "grad_norm": grad_norm, "skipped": not ok}
+    if book is not None:
+        out["moe"] = book.end_step()  # aux loss, z-loss, expert load of this step (the same on every rank)
+    return out
 
 
 @torch.no_grad()

@@ -174,6 +174,8 @@ def train(run: Run) -> dict[str, Any]:
             }
             if out["skipped"]:
                 record["skipped_iter"] = True
+            # MoE: this step's aux loss / z-loss and expert load (tokens per expert, max and mean over experts)
+            record.update({k: round(v, 6) for k, v in out.get("moe", {}).items()})
             run.logger.log_train(iteration, record)
             window = {"loss_sum": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "seq": 0}
 
