@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: terminated; no output written (temporary files removed)", file=sys.stderr)
         return 143
     print(f"{PROG}: wrote {out} in {time.perf_counter() - start:.1f}s")
+    if args.to_megatron:
+        from megatune.convert.megatron_flags import output_lines
+
+        print(*output_lines(out, PROG), sep="\n")
     return 0
 
 

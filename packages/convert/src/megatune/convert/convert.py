@@ -33,6 +33,7 @@ from megatune.convert.ckpt_layout import (
 from megatune.convert.errors import ConvertError
 from megatune.convert.hf_io import HFReader, HFWriter, check_shapes, read_config
 from megatune.convert.layout import padded_vocab_size
+from megatune.convert.megatron_flags import write_megatron_args
 from megatune.convert.megatron_io import (
     dtype_name,
     megatron_args_namespace,
@@ -171,6 +172,7 @@ def hf_to_megatron(
         reader.release()
         write_meta(tmp, meta)
         copy_aux_files(hf_dir, tmp)
+        write_megatron_args(tmp, meta, "torch", final_dir=out_dir)
         write_latest(tmp, "release")  # last: a reader never sees a tracker pointing at missing files
     return out_dir
 
