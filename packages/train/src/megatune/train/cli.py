@@ -85,6 +85,12 @@ def run(argv: list[str], *, progress: bool = True) -> dict:
             run_state.logger.close()
         run_state.logger.message(f"megatune sft: done in {time.time() - t0:.1f}s; checkpoint and logs in "
                                  f"{info['run_dir']}")
+        from megatune.convert.ckpt_layout import MEGATRON_ARGS
+        from megatune.convert.megatron_flags import output_lines
+
+        if os.path.isfile(os.path.join(info["run_dir"], MEGATRON_ARGS)):  # a Megatron checkpoint was saved
+            for line in output_lines(info["run_dir"], "megatune sft"):
+                run_state.logger.message(line)
         return {**info, **result}
     finally:
         distributed.destroy()
