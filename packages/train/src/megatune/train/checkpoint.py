@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 from megatune.convert import ckpt_layout
+from megatune.convert.megatron_flags import write_megatron_args
 from megatune.train.errors import TrainError
 from megatune.train.states import (
     CheckpointFormat,
@@ -274,6 +275,7 @@ class LegacyFormat(CheckpointFormat):
             api.write_meta(self.directory, full_meta)  # every file: temp sibling + fsync + rename
             if self.aux_dir is not None:
                 ckpt_layout.copy_aux_files(self.aux_dir, self.directory)
+            write_megatron_args(self.directory, full_meta, "torch")  # the Megatron-LM flags that load it
             api.write_latest(self.directory, int(iteration))  # last
         _barrier()
         return self.directory / ckpt_layout.iteration_dir(iteration)
