@@ -176,6 +176,8 @@ def test_signal_stops_every_rank(launch, sig, group, code):
     assert not launch.survivors(), f"ranks still running after {sig.name}: {err[-2000:]}"
     assert rc == code, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    said = "interrupted" if sig == signal.SIGINT else f"terminated ({sig.name}); every rank was stopped"
+    assert f"megatune sft: error: {said}" in err, err[-3000:]
     after_exit = launch.state()
     time.sleep(3)
     assert launch.state() == after_exit  # nothing trains or saves after the stop

@@ -23,6 +23,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
+from megatune.argmap.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+
 LAUNCH_VARS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 AGENT_PID = "MEGATUNE_AGENT_PID"  # set by the torchrun agent for its ranks
 
@@ -147,14 +149,15 @@ def _failure_line(failures: Mapping[int, Any]) -> tuple[str | None, int]:
     causes = [(rank, f) for rank, f in failures.items() if f.exitcode != PEER_LOST_EXIT]
     if not causes:
         return (f"rank {next(iter(failures))} lost its connection to another rank (did a rank on another node die?); "
-                "see the other nodes' output", 1)
+                "see the other nodes' output", EXIT_FAILURE)
     rank, f = causes[0]
     if f.exitcode < 0:
         hint = " (out of memory? see `dmesg`)" if -f.exitcode == signal.SIGKILL else ""
-        return f"rank {rank} (pid {f.pid}) was killed by {f.signal_name()}{hint}; the other ranks were stopped", 1
-    if f.exitcode in (1, 2, 130):
+        return (f"rank {rank} (pid {f.pid}) was killed by {f.signal_name()}{hint}; the other ranks were stopped",
+                EXIT_FAILURE)
+    if f.exitcode in (EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED):
         return None, f.exitcode
-    return f"rank {rank} (pid {f.pid}) exited with code {f.exitcode}; the other ranks were stopped", 1
+    return f"rank {rank} (pid {f.pid}) exited with code {f.exitcode}; the other ranks were stopped", EXIT_FAILURE
 
 
 def _torchrun_main(args: Sequence[str]) -> int:
@@ -183,10 +186,10 @@ def _torchrun_main(args: Sequence[str]) -> int:
         return code
     except SignalException as e:
         if e.sigval != signal.SIGINT:  # on Ctrl-C rank 0 has already said "interrupted"
-            print(f"megatune sft: error: stopped by {e.sigval.name}; every rank was stopped", file=sys.stderr,
+            print(f"megatune sft: error: terminated ({e.sigval.name}); every rank was stopped", file=sys.stderr,
                   flush=True)
-        return 128 + int(e.sigval)
-    return 0
+        return 128 + int(e.sigval)  # EXIT_TERMINATED for SIGTERM, EXIT_INTERRUPTED for Ctrl-C, as a shell counts
+    return EXIT_OK
 
 
 if __name__ == "__main__":
