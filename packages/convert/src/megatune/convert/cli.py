@@ -123,8 +123,8 @@ def _run(args: argparse.Namespace) -> str:
             try:
                 counts = stage_layers(layers, args.pp, args.decoder_first_pipeline_num_layers,
                                       args.decoder_last_pipeline_num_layers)
-            except ValueError as e:
-                raise ConvertError(str(e)) from None
+            except ValueError as e:  # name the flags: layout speaks of first/last stages only
+                raise UsageError(f"--decoder_first_pipeline_num_layers/--decoder_last_pipeline_num_layers: {e}") from None
         ep = f"-ep{args.ep}" if args.ep > 1 else ""
         out = Path(args.megatron_output_dir or f"{model_type}-tp{args.tp}-pp{args.pp}{ep}")
         return str(convert.hf_to_megatron(

@@ -82,7 +82,10 @@ def stage_layers(num_layers: int, pp: int, first: int | None = None, last: int |
     fixed = sum(c for c in counts if c is not None)
     free = counts.count(None)
     rest = num_layers - fixed
-    if rest < 0 or (free == 0 and rest != 0) or (free and rest % free):
+    if rest < 0:
+        raise ValueError(f"first={first} and last={last} stage layers add up to {fixed}, more than the model's "
+                         f"{num_layers} layers")
+    if (free == 0 and rest != 0) or (free and rest % free):
         raise ValueError(
             f"{num_layers} layers cannot be split over pp={pp} with first={first}, last={last}: "
             f"the {rest} remaining layers must split evenly over {free} stage(s)"
