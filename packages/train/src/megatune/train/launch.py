@@ -130,13 +130,14 @@ PEER_LOST_EXIT = 75  # a rank that lost a peer, exiting quietly so that the agen
 
 def _worker_main(args: Sequence[str]) -> int:
     """One rank: `megatune sft` (cli.main) bound to the agent's lifetime; a rank whose peer died stays quiet."""
-    die_with_parent(int(os.environ[AGENT_PID]))
+    if os.environ.get(AGENT_PID):  # absent under a plain `torchrun -m megatune.train.launch`
+        die_with_parent(int(os.environ[AGENT_PID]))
     from megatune.train import cli
 
     try:
         return cli.main(list(args))
-    except Exception as e:
-        if any(text in str(e) for text in PEER_LOST):
+    except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is one); not OSError such as a broken stdout
+        if any(text in str(e) for text in PEER_LOST) and not os.environ.get("MEGATUNE_TORCHRUN_VERBOSE"):
             return PEER_LOST_EXIT
         raise
 
