@@ -110,3 +110,62 @@ def test_stream_matches_generate(engine):
 def test_sampling_with_seed_is_reproducible(engine):
     sampling = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1)
     assert engine.generate(["Hello"], sampling) == engine.generate(["Hello"], sampling)
+
+
+def test_one_forward_per_context_with_its_continuations_as_branches(engine, monkeypatch):
+    """Multi-token answers (ARC's texts) share their context: one row holds the context once plus every answer
+    but its last token, and each score still equals a separate forward over context + answer."""
+    context, answers = CONTEXTS[0], [" carbon dioxide", " oxygen gas", " water vapour and more"]
+    ctx, conts = engine.encoder.pair(context, answers[0])[0], [engine.encoder.pair(context, a)[1] for a in answers]
+    assert all(len(c) > 1 for c in conts)
+    shapes = []
+    forward = engine.model.forward
+
+    def recording(*args, **kw):
+        shapes.append((tuple(kw["input_ids"].shape), tuple(kw["attention_mask"].shape)))
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(engine.model, "forward", recording)
+    got = engine.loglikelihood([(context, a) for a in answers])
+    monkeypatch.undo()
+    width = len(ctx) + sum(len(c) - 1 for c in conts)
+    assert shapes == [((1, width), (1, 1, width, width))]
+    for a, (lp, greedy) in zip(answers, got):
+        want_lp, want_greedy = reference(engine, context, a)
+        assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
+
+
+def test_one_token_answers_need_no_attention_mask(engine, monkeypatch):
+    seen = []
+    forward = engine.model.forward
+
+    def recording(*args, **kw):
+        seen.append(kw.get("attention_mask"))
+        return forward(*args, **kw)
+
+    requests = [(CONTEXTS[0], f" {letter}") for letter in "ABC"] + [(CONTEXTS[0][:-1], ":")]
+    assert all(len(engine.encoder.pair(*r)[1]) == 1 for r in requests)
+    monkeypatch.setattr(engine.model, "forward", recording)
+    engine.loglikelihood(requests)
+    assert seen and all(m is None for m in seen)  # right-padded causal rows: the plain causal kernel
+
+
+def test_too_long_requests_are_cut_as_lm_eval_does(engine):
+    """(context + continuation)[-(max_length + 1):], scored on its own row; a neighbour that fits keeps the full
+    context and still shares nothing with the cut one."""
+    old = engine.max_length
+    engine.max_length = 24
+    try:
+        context = "Question: Which gas do plants take in during the day when the sun shines?\nAnswer:"
+        requests = [(context, " carbon dioxide"), (context[-30:], " carbon dioxide")]
+        got = engine.loglikelihood(requests)
+    finally:
+        engine.max_length = old
+    for (c, x), (lp, _) in zip(requests, got):
+        ctx, cont = engine.encoder.pair(c, x)
+        seq = (ctx + cont)[-25:]
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([seq[:-1]], device=engine.device)).logits[0]
+        rows = torch.log_softmax(logits.double(), -1)[-len(cont):]
+        want = rows.gather(-1, torch.tensor(cont, device=engine.device)[:, None]).sum().item()
+        assert lp == pytest.approx(want, abs=1e-4)

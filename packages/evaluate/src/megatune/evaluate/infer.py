@@ -176,8 +176,7 @@ def repl(engine: Engine, sampling: Sampling, system: str | None, stream: bool = 
                 out.write("\n")
                 break
             except UnicodeDecodeError:
-                print(f"<stdin> line {lineno}: not UTF-8; line skipped", file=sys.stderr)
-                continue
+                query = "\udcff"  # reported below, like a line the C locale decoded with surrogateescape
         else:
             out.write("<<< ")
             out.flush()
@@ -185,7 +184,12 @@ def repl(engine: Engine, sampling: Sampling, system: str | None, stream: bool = 
             if query is None:
                 out.write("\n")
                 break
-            out.write(query + "\n")
+            out.write(query.encode("utf-8", "replace").decode("utf-8") + "\n")
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:  # a terminal in the C locale hands bad bytes over as surrogates
+            print(f"<stdin> line {lineno}: not UTF-8; line skipped", file=sys.stderr)
+            continue
         command = query.strip()
         if command == "exit":
             break
