@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def run_pytest() -> tuple[bool, str]:
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     print(proc.stdout, flush=True)
-    summary = next((line for line in reversed(proc.stdout.splitlines()) if " in " in line and "=" in line), "?")
+    summary = next((line for line in reversed(proc.stdout.splitlines())
+                    if re.search(r"\d+ (passed|failed|skipped|error)", line)), "no pytest summary line")
     return proc.returncode == 0, f"`pytest -m gpu` ({len(files)} files): {summary.strip('= ')} ({time.time() - t0:.0f} s)"
 
 
