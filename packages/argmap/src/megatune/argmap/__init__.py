@@ -11,8 +11,11 @@ from .cli import SwiftArgParser, dataclass_from_mapping, load_config_file, parse
 from .errors import ArgumentError
 from .mapping import (
     TABLE,
+    BatchSizes,
     Derived,
     Rule,
+    batch_sizes,
+    default_checkpoint,
     derive,
     from_megatron,
     megatron_counterparts,
@@ -26,7 +29,7 @@ from .sft import SftArguments
 __version__ = "0.1.0"
 
 __all__ = [
-    "TABLE", "ArgumentError", "Derived", "MegatronArguments", "Rule", "SftArguments", "SwiftArgParser",
+    "TABLE", "ArgumentError", "BatchSizes", "Derived", "batch_sizes", "default_checkpoint", "MegatronArguments", "Rule", "SftArguments", "SwiftArgParser",
     "build_help", "dataclass_from_mapping", "derive", "from_megatron", "load_config_file", "megatron_counterparts",
     "parse_bool", "parse_dataclass_args", "parse_sft_args", "sft_parser", "to_megatron", "with_parallel_defaults",
 ]

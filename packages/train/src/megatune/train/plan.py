@@ -24,8 +24,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from megatune.argmap import MegatronArguments, SftArguments, to_megatron
-from megatune.argmap.mapping import BatchSizes, batch_sizes, default_checkpoint
+from megatune.argmap import BatchSizes, MegatronArguments, SftArguments, batch_sizes, default_checkpoint, to_megatron
 from megatune.train.errors import TrainError
 from megatune.train.policy import DevicePolicy
 
@@ -120,19 +119,20 @@ def resolve_parallel(sft: SftArguments, source: Source, world_size: int) -> Para
     from megatune.train import moe
 
     tp, pp = sft.tp or source.meta.get("tp") or 1, sft.pp or source.meta.get("pp") or 1
-    ep = sft.expert_model_parallel_size
+    ep = sft.expert_model_parallel_size or source.meta.get("ep") or 1
     if world_size % (tp * pp):
         raise TrainError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the world size {world_size}; launch a "
                          f"multiple of {tp * pp} processes (NPROC_PER_NODE x NNODES)")
     check_model_split(source.hf_config, tp, pp, where=f"{source.path}/config.json")
     where = f"{source.path}/config.json"
     shape = moe.moe_shape(source.hf_config, where)
-    moe.check_expert_parallel(shape, moe.MoESettings.from_args(_moe_args(sft)), tp=tp, pp=pp, world_size=world_size,
-                              where=where)
-    saved = (source.meta.get("tp"), source.meta.get("pp"))
-    if source.kind == "run" and saved != (tp, pp):
-        raise TrainError(f"{source.path}: run saved with tp={saved[0]} pp={saved[1]}, this run has tp={tp} pp={pp}; "
-                         f"optimizer state cannot be resharded: pass --tp {saved[0]} --pp {saved[1]} to continue it, "
+    settings = dataclasses.replace(moe.MoESettings.from_args(_moe_args(sft)), ep=ep)
+    moe.check_expert_parallel(shape, settings, tp=tp, pp=pp, world_size=world_size, where=where)
+    saved = (source.meta.get("tp"), source.meta.get("pp"), source.meta.get("ep", 1))
+    if source.kind == "run" and saved != (tp, pp, ep):
+        raise TrainError(f"{source.path}: run saved with tp={saved[0]} pp={saved[1]} ep={saved[2]}, this run has "
+                         f"tp={tp} pp={pp} ep={ep}; optimizer state cannot be resharded: pass --tp {saved[0]} "
+                         f"--pp {saved[1]} --expert_model_parallel_size {saved[2]} to continue it, "
                          f"or export it (`megatune export --ckpt_dir DIR --to_hf true`) and start from "
                          f"--model_id_or_path DIR/{source.meta.get('model_type')}-hf")
     # megatron-core's MoELayer refuses to train with tp > 1 without sequence parallelism: MoE turns it on
@@ -167,9 +167,9 @@ def _as_run(sft: SftArguments, parallel: Parallel, policy: DevicePolicy, hf_conf
         resolved = moe.MoESettings.from_args(_moe_args(sft)).resolve(hf_config)
         sft = dataclasses.replace(sft, moe_router_topk=resolved.topk, moe_aux_loss_coeff=resolved.aux_coeff)
     return dataclasses.replace(
-        sft, tp=parallel.tp, pp=parallel.pp, sequence_parallel=parallel.sp, bf16=policy.precision == "bf16",
-        fp16=policy.precision == "fp16", use_distributed_optimizer=policy.distributed_optimizer,
-        transformer_impl=policy.layer_spec)
+        sft, tp=parallel.tp, pp=parallel.pp, expert_model_parallel_size=parallel.ep, sequence_parallel=parallel.sp,
+        bf16=policy.precision == "bf16", fp16=policy.precision == "fp16",
+        use_distributed_optimizer=policy.distributed_optimizer, transformer_impl=policy.layer_spec)
 
 
 def resolve_batches(sft: SftArguments, parallel: Parallel) -> BatchSizes:
