@@ -250,6 +250,8 @@ TABLE: tuple[Rule, ...] = (
     Rule(("save_only_model",), "no_save_optim", lambda s, d: s.save_only_model,
          lambda m: {"save_only_model": bool(m["no_save_optim"])}, "= save_only_model"),
     Rule(("save_only_model",), "no_save_rng", lambda s, d: s.save_only_model, None, "= save_only_model"),
+    same("ckpt_format"),
+    same("async_save"),
     Rule((), "world_size", _from_derived("world_size"), None, "the number of processes"),
     Rule(("tp", "pp"), "data_parallel_size", _from_derived("data_parallel_size"), None, "world_size / (tp x pp)"),
 )

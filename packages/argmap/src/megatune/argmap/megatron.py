@@ -112,6 +112,8 @@ class MegatronArguments:
     tensorboard_dir: str | None = None
     no_save_optim: bool = False
     no_save_rng: bool = False
+    ckpt_format: str = "torch_dist"  # or "torch" (legacy rank files)
+    async_save: bool = False
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace | Mapping[str, Any]) -> MegatronArguments:

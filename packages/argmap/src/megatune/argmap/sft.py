@@ -133,6 +133,14 @@ class SftArguments:
     eval_steps: int = _f(200, "evaluate every N iterations (full sft) [swift2.5*]")
     save_steps: int | None = _f(None, "save every N iterations; default eval_steps [swift2.5*]")
     save_only_model: bool = _f(False, "save weights only, no optimizer / RNG state [swift2.5]")
+    ckpt_format: Literal["torch", "torch_dist"] = _f(
+        "torch", "checkpoint format: torch (Megatron-LM legacy rank files) or torch_dist (megatron-core distributed "
+        "checkpoint: resumable at another tp/pp/dp) [Megatron-LM --ckpt-format]")
+    save_safetensors: bool = _f(
+        False, "also write every checkpoint as an HF safetensors dir ({checkpoint}/{model_type}-hf), streamed from "
+        "the training ranks [swift3]")
+    async_save: bool = _f(
+        False, "write torch_dist checkpoints in the background while training goes on [Megatron-LM --async-save]")
     dataloader_num_workers: int = _f(
         1, "batches are built from pre-tokenized rows in the training process: 0 and 1 both mean that, more is "
         "refused [swift2.5*]")
@@ -209,6 +217,8 @@ class SftArguments:
                                 f"[0, 1); got {self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}", "e.g. 8, 32, 0.05")
         if self.warmup_steps < 0 or self.dataloader_num_workers < 0:
             raise ArgumentError("--warmup_steps/--dataloader_num_workers", "must be >= 0", "pass 0 or more")
+        if self.async_save and self.ckpt_format != "torch_dist":
+            raise ArgumentError("--async_save", "needs the torch_dist checkpoint format", "add --ckpt_format torch_dist")
 
 
     def _check_floats(self) -> None:
