@@ -57,6 +57,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     from megatune.train import lora, optim, runtime, steps
     from megatune.train.distributed import init_distributed
     from megatune.train.model import build_model
+    from megatune.train.policy import Machine, Request, resolve_policy
 
     gpu = torch.cuda.is_available()
     name = f"megatune {f'LoRA r={lora_rank} ALL' if lora_rank else 'full'} tp{tp}" + (
@@ -72,8 +73,10 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
             trainable = lora.apply_lora(chunks, lora.LoraConfig(rank=lora_rank, alpha=32.0, dropout=0.05,
                                                                 targets=("ALL",)))
         margs = margs_for(bf16=gpu, distributed=gpu, gbs=mbs * dist.dp)
-        model = runtime.wrap_model(chunks, margs, cpu=not gpu)
-        optimizer = optim.build_optimizer(model, margs, cpu=not gpu)
+        policy = resolve_policy(Request(precision="bf16" if gpu else "fp32", distributed_optimizer=gpu),
+                                Machine.detect(), dist.dp)
+        model = runtime.wrap_model(chunks, policy)
+        optimizer = optim.build_optimizer(model, margs, policy)
         if lora_rank:
             lora.check_optimizer(optimizer, model)
         scheduler = optim.build_scheduler(optimizer, margs)

@@ -2,7 +2,7 @@
 A/B tensors are split over tensor parallelism, how they merge into the base weight, and how they read in peft's
 per-module terms.
 
-Conventions (full tensors = the TP=1 layout, as in layout.py):
+Conventions (full tensors = the TP=1 layout, as in splits.py):
     A  [r, in]    B  [out, r]    delta W = scaling * B @ A,   scaling = alpha / r (alpha / sqrt(r) with rslora)
 where `out` follows the base weight's row order: the fused QKV is group-major ([q heads of g; k_g; v_g] per query
 group g), fc1 is [gate; up]. The TP split of A and B derives from the base weight's split kind:
@@ -24,32 +24,22 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from megatune.convert.arch import LAYER_PARAMS, Shape
 from megatune.convert.errors import ConvertError
-from megatune.convert.layout import (
-    COLUMN,
-    FC1,
-    REPLICATED,
-    ROW,
-    deinterleave_qkv,
-    interleave_qkv,
-    merge_gate_up,
-    shard,
-    split_gate_up,
-    unshard,
-)
+from megatune.convert.families import DENSE_LAYER, Param, Shape
+from megatune.convert.splits import COLUMN, FC1, REPLICATED, ROW, Merge, Sizes, merge_pieces, shard, split_full, unshard
 
 PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM wraps the HF model as base_model.model
 
 
 @dataclass(frozen=True)
 class LoraModule:
-    """A linear layer of each decoder layer that can carry an adapter (derived from the architecture table)."""
+    """A linear layer of each decoder layer that can carry an adapter (read from the family row's parameter)."""
 
     name: str  # megatron-core module path inside a layer, e.g. "self_attention.linear_qkv"
     hf: tuple[str, ...]  # HF module paths inside `model.layers.{i}`, e.g. ("self_attn.q_proj", ...)
     kind: str  # split kind of the base weight: COLUMN (incl. fused QKV), FC1 or ROW
-    fmt: str | None  # "qkv" | "gate_up" | None: how the HF modules fuse into this one
+    fmt: Merge  # how the HF modules fuse into this one (splits.QKV, GATE_UP, SINGLE)
+    dims: tuple[tuple[str | int, ...], ...]  # HF shape rule of each piece's weight
 
     @property
     def short(self) -> str:
@@ -68,58 +58,59 @@ class LoraModule:
         return self.kind if self.column_parallel else REPLICATED
 
 
-def _modules() -> tuple[LoraModule, ...]:
-    out = []
-    for p in LAYER_PARAMS:
-        if p.local.endswith(".weight") and p.kind in (COLUMN, FC1, ROW):
-            out.append(LoraModule(p.local.removesuffix(".weight"), tuple(h.removesuffix(".weight") for h in p.hf),
-                                  p.kind, p.fmt))
-    return tuple(out)
+def lora_modules(layer_params: Iterable[Param]) -> tuple[LoraModule, ...]:
+    """The adaptable linears of a family's decoder layer: the weights of column/fc1/row kind present in every
+    layer. Routed experts, shared experts and MoE-only layers are not (yet) adapted."""
+    return tuple(LoraModule(p.local.removesuffix(".weight"), tuple(h.removesuffix(".weight") for h in p.hf),
+                            p.kind, p.fmt, p.dims)
+                 for p in layer_params
+                 if p.local.endswith(".weight") and p.kind in (COLUMN, FC1, ROW) and not p.expert and p.layers is None)
 
 
-MODULES: tuple[LoraModule, ...] = _modules()
+MODULES: tuple[LoraModule, ...] = lora_modules(DENSE_LAYER)  # the names every dense Llama-like family shares
 BY_NAME = {m.name: m for m in MODULES}
 # swift 2.x's DEFAULT for Llama/Mistral/Qwen2/Qwen3 (LoRATM.llama): the attention's q, k and v projections
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
-def _aliases() -> dict[str, tuple[str, int | None]]:
+def _aliases(modules: Sequence[LoraModule]) -> dict[str, tuple[str, int | None]]:
     """Accepted spellings -> (module name, HF piece index or None for the whole module)."""
     out: dict[str, tuple[str, int | None]] = {}
-    for m in MODULES:
+    for m in modules:
         out[m.short] = out[m.name] = (m.name, None)
         for i, h in enumerate(m.hf):
             out[h.rsplit(".", 1)[-1]] = out[h] = (m.name, i if len(m.hf) > 1 else None)
     return out
 
 
-ALIASES = _aliases()
-
-
-def resolve_targets(names: Iterable[str]) -> dict[str, tuple[bool, ...]]:
+def resolve_targets(names: Iterable[str], modules: Sequence[LoraModule] = MODULES) -> dict[str, tuple[bool, ...]]:
     """`--lora_target_modules` values -> {module name: which of its HF pieces carry the adapter}.
 
     DEFAULT (the attention's q/k/v projections, as swift 2.x), ALL (every linear layer), or module names in HF
-    (q_proj ... down_proj) or Megatron (linear_qkv ... linear_fc2) spelling, mixed freely."""
+    (q_proj ... down_proj) or Megatron (linear_qkv ... linear_fc2) spelling, mixed freely. `modules`: what the
+    model's family offers (lora_modules of its row)."""
+    aliases, by_name = _aliases(modules), {m.name: m for m in modules}
     names = list(names) or ["DEFAULT"]
     chosen: dict[str, list[bool]] = {}
     for raw in names:
         key = raw.strip()
         if key.upper() == "ALL":
-            expanded = [m.name for m in MODULES]
+            expanded = [m.name for m in modules]
         elif key.upper() == "DEFAULT":
             expanded = list(DEFAULT_TARGETS)
-        elif key in ALIASES:
+        elif key in aliases:
             expanded = [key]
         else:
-            raise ConvertError(f"--lora_target_modules: unknown module {raw!r}; use DEFAULT, ALL, or names from "
-                               f"{', '.join(sorted(k for k in ALIASES if '.' not in k))}")
+            known = sorted(k for k in aliases if "." not in k)
+            raise ConvertError(f"--lora_target_modules: unknown module {raw!r}"
+                               f"{' for this model family' if raw in _aliases(MODULES) else ''}; use DEFAULT, ALL, "
+                               f"or names from {', '.join(known)}")
         for n in expanded:
-            module, piece = ALIASES[n]
-            flags = chosen.setdefault(module, [False] * len(BY_NAME[module].hf))
+            module, piece = aliases[n]
+            flags = chosen.setdefault(module, [False] * len(by_name[module].hf))
             for i in range(len(flags)) if piece is None else [piece]:
                 flags[i] = True
-    return {m.name: tuple(chosen[m.name]) for m in MODULES if m.name in chosen}  # table order
+    return {m.name: tuple(chosen[m.name]) for m in modules if m.name in chosen}  # table order
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
@@ -127,44 +118,30 @@ def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def piece_dims(module: LoraModule, shape: Shape) -> list[tuple[int, ...]]:
+    """The HF weight shape of each piece (q, k, v / gate, up / the one module), from the family row."""
+    return [shape.dims(rule) for rule in module.dims]
+
+
 def module_shape(module: LoraModule, shape: Shape) -> tuple[int, int]:
     """(out, in) of the full base weight."""
-    if module.fmt == "qkv":
-        return shape.qkv_rows, shape.hidden
-    if module.fmt == "gate_up":
-        return 2 * shape.ffn, shape.hidden
-    if module.short == "linear_proj":
-        return shape.hidden, shape.heads * shape.head_dim
-    return shape.hidden, shape.ffn  # linear_fc2
+    dims = piece_dims(module, shape)
+    return sum(d[0] for d in dims), dims[0][1]
 
 
 def piece_rows(module: LoraModule, shape: Shape) -> list[int]:
-    """Row count of each HF piece (q, k, v / gate, up / the one module)."""
-    if module.fmt == "qkv":
-        return [shape.heads * shape.head_dim, shape.groups * shape.head_dim, shape.groups * shape.head_dim]
-    if module.fmt == "gate_up":
-        return [shape.ffn, shape.ffn]
-    return [module_shape(module, shape)[0]]
+    return [d[0] for d in piece_dims(module, shape)]
 
 
 def join_pieces(module: LoraModule, pieces: Sequence[torch.Tensor], shape: Shape) -> torch.Tensor:
-    """HF-ordered pieces (q, k, v / gate, up) -> the full tensor in the fused module's row order."""
-    if module.fmt == "qkv":
-        return interleave_qkv(*pieces, groups=shape.groups)
-    if module.fmt == "gate_up":
-        return merge_gate_up(*pieces)
-    return pieces[0]
+    """HF-ordered pieces (q, k, v / gate, up) -> the full tensor in the fused module's row order (splits' merge)."""
+    return merge_pieces(module.fmt, pieces, Sizes(tp=1, groups=shape.groups))
 
 
 def split_pieces(module: LoraModule, full: torch.Tensor, shape: Shape) -> list[torch.Tensor]:
     """Inverse of join_pieces: the fused row order -> HF pieces (contiguous copies)."""
-    if module.fmt == "qkv":
-        parts = deinterleave_qkv(full, shape.heads, shape.groups, shape.head_dim)
-    elif module.fmt == "gate_up":
-        parts = split_gate_up(full)
-    else:
-        parts = (full,)
-    return [p.contiguous() for p in parts]
+    dims = [(rows, *full.shape[1:]) for rows in piece_rows(module, shape)]
+    return split_full(module.fmt, full, dims, Sizes(tp=1, groups=shape.groups))
 
 
 def row_mask(module: LoraModule, pieces: Sequence[bool], shape: Shape) -> torch.Tensor | None:

@@ -43,10 +43,11 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatune.convert import lora as spec
-from megatune.convert.arch import shape_of
 from megatune.convert.errors import ConvertError
-from megatune.convert.layout import shard
+from megatune.convert.families import shape_of
+from megatune.convert.splits import shard
 from megatune.train.errors import TrainError
+from megatune.train.states import unwrap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,18 +72,20 @@ class LoraConfig:
     def scaling(self) -> float:
         return spec.lora_scaling(self.rank, self.alpha, self.rslora)
 
-    def resolved(self) -> dict[str, tuple[bool, ...]]:
-        """{megatron module: which of its HF pieces are targeted} (megatune.convert.lora.resolve_targets)."""
+    def resolved(self, hf_config: dict | None = None) -> dict[str, tuple[bool, ...]]:
+        """{megatron module: which of its HF pieces are targeted} (megatune.convert.lora.resolve_targets), among
+        the modules the model family offers (without a config: those of the dense Llama-like layer)."""
         try:
-            return spec.resolve_targets(self.targets)
+            modules = spec.MODULES if hf_config is None else spec.lora_modules(shape_of(hf_config).row.layer_params)
+            return spec.resolve_targets(self.targets, modules)
         except ConvertError as e:
             raise TrainError(str(e)) from None
 
-    def to_json(self) -> dict:
+    def to_json(self, hf_config: dict) -> dict:
         """What megatune.json records under "lora" (export reads it back)."""
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "rslora": self.rslora,
-                "targets": list(self.targets), "modules": {k: list(v) for k, v in self.resolved().items()},
-                "seed": self.seed}
+                "targets": list(self.targets), "seed": self.seed,
+                "modules": {k: list(v) for k, v in self.resolved(hf_config).items()}}
 
     @classmethod
     def from_json(cls, d: dict) -> LoraConfig:
@@ -104,6 +107,10 @@ class LoraAdapter(torch.nn.Module):
         self.B = torch.nn.Parameter(torch.zeros(out_features, a.shape[0], dtype=a.dtype, device=a.device))
         # the parameter that sees only this rank's tokens under SP needs its gradient summed over TP
         (self.A if self.column else self.B).sequence_parallel = self.sequence_parallel
+        # the split one is a TP part: megatron-core counts it on every rank in the gradient norm (a replicated one
+        # only on TP rank 0), as for the base weights
+        split, dim = (self.B, 0) if self.column else (self.A, 1)
+        tensor_parallel.set_tensor_model_parallel_attributes(split, is_parallel=self.tp > 1, dim=dim, stride=1)
         self.register_buffer("mask", mask, persistent=False)  # [out part, 1] 0/1, or None
 
     def extra_repr(self) -> str:
@@ -153,12 +160,6 @@ def _require_grad_output(_module, _args, output):
     return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):  # megatron-core DDP / Float16Module
-        model = model.module
-    return model
-
-
 def _initial_a(cfg: LoraConfig, layer: int, module: spec.LoraModule, in_features: int) -> torch.Tensor:
     """The full [r, in] A of one layer's module, the same for every parallel layout."""
     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + layer * 1009 + zlib.crc32(module.name.encode()))
@@ -170,7 +171,6 @@ def _initial_a(cfg: LoraConfig, layer: int, module: spec.LoraModule, in_features
 def apply_lora(model_chunks: list, cfg: LoraConfig) -> int:
     """Freeze every parameter, then attach adapters to the targeted linears of each chunk (GPTModels, before the
     DDP wrap). Returns the number of adapter parameters (elements) on this rank."""
-    targets = cfg.resolved()
     tp, tp_rank = (parallel_state.get_tensor_model_parallel_world_size(),
                    parallel_state.get_tensor_model_parallel_rank())
     count = 0
@@ -180,6 +180,7 @@ def apply_lora(model_chunks: list, cfg: LoraConfig) -> int:
             raise TrainError("LoRA adapters need megatune's native layer spec (Transformer Engine fuses the norm into "
                              "linear_qkv/linear_fc1); build the model with spec='native'")
         shape = shape_of(model.megatune_hf_config)
+        targets = cfg.resolved(model.megatune_hf_config)
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in model.decoder.layers:

@@ -191,9 +191,10 @@ def setup_plan(sft, source: Source, parallel: Parallel, policy: DevicePolicy, da
                         run_dir=run_dir)
 
 
-def setup_model(plan: TrainingPlan, data: Data) -> tuple[list, list]:
-    """(GPTModel chunks with the source's weights, the same wrapped in DDP)."""
-    from megatune.train import checkpoint, model
+def setup_model(plan: TrainingPlan, data: Data, lora_run=None) -> tuple[list, list]:
+    """(GPTModel chunks with the source's weights, the same wrapped in DDP); with LoRA (lora_checkpoint.LoraRun) the
+    base's weights, frozen, with adapters attached before the wrap."""
+    from megatune.train import checkpoint, lora, model
     from megatune.train.moe import MoESettings
 
     source = plan.source
@@ -202,7 +203,9 @@ def setup_model(plan: TrainingPlan, data: Data) -> tuple[list, list]:
                                sequence_parallel=plan.parallel.sp,
                                recompute_granularity=plan.megatron.recompute_granularity, spec=plan.policy.layer_spec,
                                seq_length=data.config.max_length, moe=MoESettings.from_args(plan.megatron))
-    checkpoint.load_pretrained(chunks, source.path)
+    checkpoint.load_pretrained(chunks, lora_run.base_path if lora_run else source.path)
+    if lora_run is not None:
+        lora.apply_lora(chunks, lora_run.config)
     return chunks, wrap_model(chunks, plan.policy)
 
 
@@ -234,25 +237,32 @@ def restore(plan: TrainingPlan, states: dict, note: Callable[[str], None]) -> in
 
 def build_run(sft, *, progress: bool = True):
     """Everything `trainer.train` needs, for this rank. Returns (Run, info dict for the CLI summary)."""
-    from megatune.train import steps
+    from megatune.train import lora, steps
     from megatune.train.checkpoint import LegacyFormat
+    from megatune.train.lora_checkpoint import LoraModelState, plan_lora
     from megatune.train.rundir import RunLogger
     from megatune.train.states import ModelState, RNGState
     from megatune.train.trainer import Run
 
     source, parallel, policy, dist = setup_parallel(sft)
+    lora_run = plan_lora(sft, source)  # None for --sft_type full
     note = log.warning if dist.rank == 0 else log.debug
     for line in policy.notes:
         note(line)
     data = setup_data(sft, source, parallel, policy, dist)
     plan = setup_plan(sft, source, parallel, policy, data, dist)
-    chunks, ddp_chunks = setup_model(plan, data)
+    chunks, ddp_chunks = setup_model(plan, data, lora_run)
     optimizer, scheduler = setup_optimizer(plan, chunks, ddp_chunks)
-    states = {"model": ModelState(ddp_chunks), "optimizer": optimizer, "scheduler": scheduler, "data": data.train,
+    if lora_run is not None:
+        lora.check_optimizer(optimizer, ddp_chunks)  # the adapters, and nothing of the base
+    model_state = (LoraModelState if lora_run else ModelState)(ddp_chunks)  # LoRA: only the adapters are saved
+    states = {"model": model_state, "optimizer": optimizer, "scheduler": scheduler, "data": data.train,
               "rng": RNGState(policy.device_type)}
     start = restore(plan, states, note)
 
     meta = {**source.meta, "model_type": source.meta.get("model_type") or source.hf_config.get("model_type")}
+    if lora_run is not None:
+        meta["lora"] = lora_run.record(source.hf_config)
     saved = {k: states[k] for k in ("model", "data")} if sft.save_only_model else states
     logger = RunLogger(plan.run_dir, total_steps=plan.train_iters, start_step=start,
                        logging_dir=plan.megatron.tensorboard_dir, enabled=dist.rank == 0, progress=progress)
