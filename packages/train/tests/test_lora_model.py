@@ -6,8 +6,8 @@
 - the HF base with the adapters merged per HF tensor (what `export --to_hf` writes) matches the Megatron LoRA
   logits (<= 1e-4, the model-parity tolerance), and peft's PeftModel on the HF base with the exported
   adapter_model.safetensors matches that merged HF model (<= 1e-5);
-- a training step gives the adapters, and only them, gradients; partly targeted fused modules (q_proj alone, up_proj
-  alone) keep the untargeted rows of B at exactly zero.
+all for every linear (ALL) and for partly targeted fused modules (q_proj, v_proj, up_proj: B row masks). Training
+(gradients, optimizer contents, loss curves, resume, exports of real runs) is in test_lora_train.py.
 """
 
 from __future__ import annotations
