@@ -78,7 +78,7 @@ def stock_optimizer(optimizer) -> None:
 
 
 def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warmup: int, profile: bool,
-                   overlap: bool | None = None, stock: bool = False, accum: int = 1) -> dict:
+                   overlap: bool | None = None, stock: bool = False, accum: int = 1, ep: int = 1) -> dict:
     """megatune's real training step: `accum` micro-batches of `mbs` sequences per DP rank and optimizer step.
     overlap: the device policy's overlap_grad_reduce (None = its default); stock: stock_optimizer()."""
     import dataclasses
@@ -90,7 +90,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     from megatune.train.policy import Machine, Request, resolve_policy
 
     gpu = torch.cuda.is_available()
-    dist = init_distributed(tp, 1, seed=0)
+    dist = init_distributed(tp, 1, ep=ep, seed=0)  # ep > 1: an MoE cfg's experts over ep ranks (bench_moe.py)
     chunks = build_model(cfg, tp=tp, pp=1, params_dtype=torch.bfloat16 if gpu else torch.float32,
                          sequence_parallel=tp > 1, seq_length=seq)
     gbs = mbs * dist.dp * accum
@@ -131,7 +131,8 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     seconds = time.perf_counter() - start
     tps = steps_n * gbs * seq / seconds
     gpus = dist.world_size
-    name = (f"megatune tp{tp} dp{dist.dp} mbs{mbs}" + (f" x{accum} accum" if accum > 1 else "")
+    name = (f"megatune tp{tp} dp{dist.dp}" + (f" ep{ep}" if ep > 1 else "") + f" mbs{mbs}"
+            + (f" x{accum} accum" if accum > 1 else "")
             + ((" overlap" if ddp_overlap else " no-overlap") if dist.dp > 1 else "")
             + (" stock optimizer" if stock else ""))
     result = {"name": name, "gpus": gpus, "tokens_per_s": tps,

@@ -134,3 +134,20 @@ def build(cfg: dict, *, tp: int, pp: int, settings=None, sequence_parallel: bool
     from megatune.train.model import build_model
 
     return build_model(cfg, tp=tp, pp=pp, sequence_parallel=sequence_parallel, moe=settings, **overrides)[0]
+
+
+def sharpen_routers(model_dir, factor: float = 20.0) -> None:
+    """Scale the router weights of a tiny HF MoE checkpoint on disk: with HF's init (std 0.02) many tokens have
+    near-tied top-k experts, and a different reduction order (another TP layout) flips a tie now and then, which
+    moves the loss and the aux loss by a discrete step (~1e-4 .. 1e-3 at this size) instead of a rounding error."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(model_dir) / "model.safetensors"
+    state = load_file(path)
+    routers = [k for k in state if k.endswith("mlp.gate.weight")]
+    assert routers, f"{path}: no router weights (mlp.gate.weight)"
+    for k in routers:
+        state[k] = state[k] * factor
+    save_file(state, path, metadata={"format": "pt"})

@@ -103,10 +103,12 @@ class SftArguments:
     pp: int | None = _f(None, "pipeline parallel size; default the checkpoint's pp, else 1 [swift2.5: 1]")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tp > 1 to matter) [swift2.5]")
     # mixture of experts (MoE checkpoints only); unset values come from the checkpoint's HF config
-    expert_model_parallel_size: int = _f(
-        1, "expert parallel size: routed experts split over ep ranks carved out of data parallelism; must divide "
-        "the expert count, world size a multiple of tp x pp x ep [swift-meg]", aliases=("ep",))
-    moe_router_topk: int | None = _f(None, "experts per token; default the checkpoint's num_experts_per_tok [swift-meg]")
+    expert_model_parallel_size: int | None = _f(
+        None, "expert parallel size: routed experts split over ep ranks carved out of data parallelism; must divide "
+        "the expert count, world size a multiple of tp x pp x ep; default the checkpoint's ep, else 1 [swift-meg]",
+        aliases=("ep",))
+    moe_router_topk: int | None = _f(
+        None, "experts per token; default the checkpoint's num_experts_per_tok [swift-meg]")
     moe_aux_loss_coeff: float | None = _f(
         None, "load-balancing loss coefficient (HF's loss over all MoE layers of a micro-batch); default the "
         "checkpoint's router_aux_loss_coef [swift-meg]")

@@ -99,6 +99,12 @@ def check_expert_parallel(shape, settings: MoESettings, *, tp: int, pp: int, wor
     if settings.dispatcher not in DISPATCHERS:
         raise TrainError(f"--moe_token_dispatcher_type {settings.dispatcher!r}: use one of {', '.join(DISPATCHERS)} "
                          f"('flex' needs DeepEP, which megatune does not ship)")
+    if settings.dispatcher == "allgather" and ep > 1:
+        # megatron-core's allgather dispatcher gathers equal token counts from every ep rank, but data-parallel
+        # ranks draw batches of their own (padded) length
+        raise TrainError(f"--moe_token_dispatcher_type allgather needs the same sequence length on every expert-"
+                         f"parallel rank, which megatune's batches do not guarantee; use alltoall with "
+                         f"--expert_model_parallel_size {ep}")
 
 
 def transformer_fields(shape, settings: MoESettings, *, tp: int) -> dict:

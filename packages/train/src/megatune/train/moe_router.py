@@ -50,11 +50,12 @@ class Record:
     counts: dict = dataclasses.field(default_factory=dict)  # layer_number -> [E] top-k assignments
     psums: dict = dataclasses.field(default_factory=dict)  # layer_number -> [E] sum of softmax probabilities
     zsums: dict = dataclasses.field(default_factory=dict)  # layer_number -> sum of logsumexp^2
+    token_mask: torch.Tensor | None = None  # [b, s] bool, True = not padding; None = every token counts
     tokens: float = 0.0  # N: non-padding tokens of the whole micro-batch (all TP ranks)
     stage_counts: torch.Tensor | None = None  # [E] this stage's layers, summed over TP ranks
     earlier_counts: torch.Tensor | None = None  # [E] (host) all earlier pipeline stages
     aux_grad: torch.Tensor | None = None  # d(scaled aux)/d psum, set when the stage's backward starts
-    z_grad: float = 0.0
+    z_grad: torch.Tensor | float = 0.0
 
 
 class MoEBook:
@@ -69,7 +70,7 @@ class MoEBook:
         self.records: list[Record] = []
         self.forward_record: Record | None = None
         self.backward_record: Record | None = None
-        self.token_mask: torch.Tensor | None = None  # [b, s] bool of the micro-batch being run, None = all tokens
+        self.token_mask: torch.Tensor | None = None  # [b, s] bool (host) of the micro-batch being run; None: all
         self.step_scale: float | None = None
         self.side_group = None  # set by moe_spec.attach when pp > 1
         self.pending: list = []
@@ -98,7 +99,7 @@ class MoEBook:
             def __next__(self):
                 mb = next(self.it)
                 doc = mb.get("document_ids") if isinstance(mb, dict) else None
-                book.token_mask = None if doc is None else (doc >= 0).to(book.device)
+                book.token_mask = None if doc is None else (doc >= 0)  # the batch is still on the host here
                 return mb
 
         def step(data_iterator, model):
@@ -109,18 +110,18 @@ class MoEBook:
     # ---------------------------------------------------------------------------------------------- forward
     def open_record(self) -> Record:
         rec = Record()
+        if self.token_mask is not None:  # kept per record: recomputation re-runs the routers after later forwards
+            rec.tokens = float(self.token_mask.sum())  # a host tensor: no device sync
+            rec.token_mask = self.token_mask.to(self.device, non_blocking=True)
         self.records.append(rec)
         self.forward_record = rec
         return rec
 
     def close_record(self, rec: Record, output: torch.Tensor) -> None:
         """End of this stage's forward of a micro-batch: token count, stage counts, counts of earlier stages."""
-        s_local, b = output.shape[0], output.shape[1]
-        if self.token_mask is not None:
-            rec.tokens = float(self.token_mask.sum())
-        else:
-            rec.tokens = float(s_local * b * (ps.get_tensor_model_parallel_world_size() if self.sequence_parallel
-                                              else 1))
+        if rec.token_mask is None:
+            sp = ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1
+            rec.tokens = float(output.shape[0] * output.shape[1] * sp)  # [s/sp, b, h]
         counts = torch.zeros(self.num_experts, dtype=torch.float32, device=self.device)
         for c in rec.counts.values():
             counts += c
@@ -130,11 +131,12 @@ class MoEBook:
         if self.side_group is not None:
             rec.earlier_counts = self._exchange(counts, backward=False)
 
-    def local_mask(self, s_local: int, b: int) -> torch.Tensor | None:
-        """This rank's slice of the token mask in the router's [s_local * b] token order (sequence-first)."""
-        if self.token_mask is None:
+    @staticmethod
+    def local_mask(rec: Record, s_local: int) -> torch.Tensor | None:
+        """This rank's slice of a record's token mask in the router's [s_local * b] token order (sequence-first)."""
+        if rec.token_mask is None:
             return None
-        mask = self.token_mask.t()  # [s, b]
+        mask = rec.token_mask.t()  # [s, b]
         if mask.shape[0] != s_local:  # sequence parallel: this TP rank holds one contiguous chunk of the sequence
             start = ps.get_tensor_model_parallel_rank() * s_local
             mask = mask[start:start + s_local]
@@ -155,8 +157,8 @@ class MoEBook:
         if self.step_scale is None:
             raise TrainError("MoE losses: no step scale; call MoEBook.begin_step(microbatches) before the backward "
                              "pass (megatune.train.steps.train_step does)")
-        loss_scale = MoEAuxLossAutoScaler.main_loss_backward_scale  # fp16 loss scale, 1 otherwise
-        scale = self.step_scale * (1.0 if loss_scale is None else float(loss_scale))
+        loss_scale = MoEAuxLossAutoScaler.main_loss_backward_scale  # fp16 loss scale, 1 otherwise (a device tensor)
+        scale = self.step_scale if loss_scale is None else loss_scale.reshape(()).float() * self.step_scale
         n = max(rec.tokens, 1.0)
         rec.aux_grad = counts * (scale * self.aux_coeff * self.num_experts / (self.moe_layers * n) ** 2)
         rec.z_grad = scale * self.z_coeff / n
@@ -241,7 +243,8 @@ class _LossHook(torch.autograd.Function):
         if rec.aux_grad is None:
             raise TrainError("MoE aux loss: a router's backward ran before its stage's (decoder output hook "
                              "missing; build the model with megatune.train.moe_spec)")
-        return grad_probs, rec.aux_grad, grad_probs.new_full((), rec.z_grad, dtype=torch.float32), None
+        z_grad = torch.as_tensor(rec.z_grad, dtype=torch.float32, device=grad_probs.device)
+        return grad_probs, rec.aux_grad, z_grad, None
 
 
 class StageSync(torch.autograd.Function):
@@ -272,7 +275,7 @@ class HFRouter(TopKRouter):
 
     def forward(self, input: torch.Tensor, padding_mask=None):
         logits = self.gating(input)  # [s, b, E] in the input's dtype, as HF's F.linear
-        s_local, b = logits.shape[0], logits.shape[1]
+        s_local = logits.shape[0]
         logits = logits.reshape(-1, self.config.num_moe_experts)
         scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top, idx = torch.topk(scores, self.topk, dim=-1)
@@ -281,18 +284,22 @@ class HFRouter(TopKRouter):
         probs = torch.zeros_like(scores).scatter(1, idx, top).to(logits.dtype)
         routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, idx, True)
         if self.training:
-            probs = self._account(logits, scores, routing_map, probs, self.book.local_mask(s_local, b))
+            probs = self._account(logits, scores, routing_map, probs, s_local)
         return probs, routing_map
 
-    def _account(self, logits, scores, routing_map, probs, mask):
+    def _account(self, logits, scores, routing_map, probs, s_local: int):
         rec = self.book.current_record()
         if rec is None:
             return probs
+        mask = self.book.local_mask(rec, s_local)
         w = routing_map.float() if mask is None else routing_map.float() * mask[:, None]
         rec.counts[self.layer_number] = w.sum(0).detach()
         psum = scores.sum(0) if mask is None else (scores * mask[:, None]).sum(0)
-        lse2 = torch.logsumexp(logits.float(), dim=-1).square()
-        zsum = lse2.sum() if mask is None else (lse2 * mask).sum()
+        if self.book.z_coeff:
+            lse2 = torch.logsumexp(logits.float(), dim=-1).square()
+            zsum = lse2.sum() if mask is None else (lse2 * mask).sum()
+        else:
+            zsum = torch.zeros((), dtype=torch.float32, device=logits.device)
         rec.psums[self.layer_number], rec.zsums[self.layer_number] = psum.detach(), zsum.detach()
         if torch.is_grad_enabled():
             probs = _LossHook.apply(probs, psum, zsum, rec)
