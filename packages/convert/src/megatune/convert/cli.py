@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naming", choices=["local", "te"], default="local",
                    help="megatron-core layer spec parameter names: local, or Transformer Engine (te)")
     p.add_argument("--make_vocab_size_divisible_by", type=int, default=128)
+    p.add_argument("--ckpt_format", choices=["torch", "torch_dist"], default="torch",
+                   help="Megatron checkpoint format of --to_megatron: torch (legacy rank files, streamed) or "
+                        "torch_dist (megatron-core distributed checkpoint; needs megatune-train); --to_hf reads both")
     p.add_argument("--decoder_first_pipeline_num_layers", type=int, default=None)
     p.add_argument("--decoder_last_pipeline_num_layers", type=int, default=None)
     p.add_argument("--max_shard_size", type=parse_size, default=5 * 10**9, help="HF output shard size, e.g. 5GB")
@@ -127,6 +130,13 @@ def _run(args: argparse.Namespace) -> str:
                 raise UsageError(f"--decoder_first_pipeline_num_layers/--decoder_last_pipeline_num_layers: {e}") from None
         ep = f"-ep{args.ep}" if args.ep > 1 else ""
         out = Path(args.megatron_output_dir or f"{model_type}-tp{args.tp}-pp{args.pp}{ep}")
+        if args.ckpt_format == "torch_dist":
+            from megatune.convert import torch_dist
+
+            return str(torch_dist.hf_to_torch_dist(
+                hf_dir, out, tp=args.tp, pp=args.pp, dtype=args.dtype, model_type=model_type, naming=args.naming,
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, layers_per_stage=counts,
+                ep=args.ep, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite))
         return str(convert.hf_to_megatron(
             hf_dir, out, tp=args.tp, pp=args.pp, dtype=args.dtype, model_type=model_type, naming=args.naming,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, layers_per_stage=counts,
@@ -141,6 +151,11 @@ def _run(args: argparse.Namespace) -> str:
         return str(lora_export.export(args.ckpt_dir, args.hf_output_dir, merge=args.merge_lora,
                                       base=args.model_id_or_path, max_shard_size=args.max_shard_size,
                                       overwrite=args.overwrite))
+    from megatune.convert import torch_dist
+
+    if torch_dist.is_torch_dist(args.ckpt_dir):
+        return str(torch_dist.torch_dist_to_hf(args.ckpt_dir, args.hf_output_dir, max_shard_size=args.max_shard_size,
+                                               overwrite=args.overwrite))
     return str(convert.megatron_to_hf(args.ckpt_dir, args.hf_output_dir, max_shard_size=args.max_shard_size,
                                       overwrite=args.overwrite, progress=progress,
                                       allow_nonfinite=args.allow_nonfinite))

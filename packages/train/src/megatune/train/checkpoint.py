@@ -27,6 +27,7 @@ import torch
 from megatron.core import parallel_state
 from megatune.convert import ckpt_layout
 from megatune.convert.megatron_flags import write_megatron_args
+from megatune.convert.torch_dist import is_torch_dist
 from megatune.train.errors import TrainError
 from megatune.train.states import (
     CheckpointFormat,
@@ -124,6 +125,11 @@ def load_pretrained(model_chunks, source_dir, *, iteration: int | str | None = N
                                  f"was built with the {_naming(model)!r} spec; build with the matching spec "
                                  f"(spec='te' needs transformer-engine) or re-convert from HF")
             iteration = api.read_latest(source_dir) if iteration is None else iteration
+            if is_torch_dist(source_dir):  # megatron-core's distributed format: any layout, via dist_checkpointing
+                from megatune.train.torch_dist import TorchDistFormat
+
+                TorchDistFormat(source_dir).load({"model": ModelState(model_chunks)}, iteration)
+                return {"kind": kind, "iteration": iteration}
             state = api.load_megatron_rank(source_dir, tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank,
                                            iteration=iteration, ep=ep, ep_rank=ep_rank)
     except ConvertError as e:
@@ -213,6 +219,7 @@ class LegacyFormat(CheckpointFormat):
 
     FILE_KEYS = {"model": "model", "optimizer": "optimizer", "scheduler": "opt_param_scheduler", "rng": "rng_state"}
     EXTRA_KEYS = {"data": "data_state"}
+    after_write = None  # (staging dir, states, meta) -> None on every rank before publishing, e.g. hf_stream's HF dir
 
     def __init__(self, directory, *, meta: dict | None = None, aux_dir=None) -> None:
         self.directory, self.meta, self.aux_dir = Path(directory), meta, aux_dir
@@ -270,6 +277,8 @@ class LegacyFormat(CheckpointFormat):
             if shard.is_file():  # written by DP rank 0 only
                 ckpt_layout.fsync_file(shard)
             _barrier()
+        if self.after_write is not None:
+            self.after_write(tmp, states, full_meta)
         if rank0:
             ckpt_layout.publish_iteration(self.directory, iteration)  # atomic exchange when re-saving an iteration
             api.write_meta(self.directory, full_meta)  # every file: temp sibling + fsync + rename

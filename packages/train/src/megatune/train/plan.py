@@ -128,8 +128,10 @@ def resolve_parallel(sft: SftArguments, source: Source, world_size: int) -> Para
     shape = moe.moe_shape(source.hf_config, where)
     settings = dataclasses.replace(moe.MoESettings.from_args(_moe_args(sft)), ep=ep)
     moe.check_expert_parallel(shape, settings, tp=tp, pp=pp, world_size=world_size, where=where)
+    from megatune.convert.torch_dist import is_torch_dist
+
     saved = (source.meta.get("tp"), source.meta.get("pp"), source.meta.get("ep", 1))
-    if source.kind == "run" and saved != (tp, pp, ep):
+    if source.kind == "run" and saved != (tp, pp, ep) and not is_torch_dist(source.path):  # torch_dist reshards
         raise TrainError(f"{source.path}: run saved with tp={saved[0]} pp={saved[1]} ep={saved[2]}, this run has "
                          f"tp={tp} pp={pp} ep={ep}; optimizer state cannot be resharded: pass --tp {saved[0]} "
                          f"--pp {saved[1]} --expert_model_parallel_size {saved[2]} to continue it, "

@@ -221,11 +221,11 @@ def setup_optimizer(plan: TrainingPlan, chunks: list, ddp_chunks: list):
 
 def restore(plan: TrainingPlan, states: dict, note: Callable[[str], None]) -> int:
     """A continued run (source kind "run") gets every state back; returns the iteration to start after."""
-    from megatune.train.checkpoint import LegacyFormat
+    from megatune.train.torch_dist import open_format
 
     if plan.source.kind != "run":
         return 0
-    loaded = LegacyFormat(plan.source.path).load(states)
+    loaded = open_format(plan.source.path).load(states)  # the format on disk (torch_dist: at any layout)
     for line in loaded.notes:
         note(line)
     start = int(loaded.iteration)
@@ -238,10 +238,10 @@ def restore(plan: TrainingPlan, states: dict, note: Callable[[str], None]) -> in
 def build_run(sft, *, progress: bool = True):
     """Everything `trainer.train` needs, for this rank. Returns (Run, info dict for the CLI summary)."""
     from megatune.train import lora, steps
-    from megatune.train.checkpoint import LegacyFormat
     from megatune.train.lora_checkpoint import LoraModelState, plan_lora
     from megatune.train.rundir import RunLogger
     from megatune.train.states import ModelState, RNGState
+    from megatune.train.torch_dist import open_format
     from megatune.train.trainer import Run
 
     source, parallel, policy, dist = setup_parallel(sft)
@@ -271,7 +271,9 @@ def build_run(sft, *, progress: bool = True):
                                            "start_iteration": start})
     run = Run(plan=plan, model=ddp_chunks, optimizer=optimizer, scheduler=scheduler, train_batches=data.train,
               make_val_batches=data.make_val, forward_step=steps.make_forward_step(forward_kwargs_for(sft.packing)),
-              logger=logger, checkpoint=LegacyFormat(plan.run_dir, meta=meta, aux_dir=source.path),
+              logger=logger, checkpoint=open_format(
+                  plan.run_dir, sft.ckpt_format, meta=meta, aux_dir=source.path, async_save=sft.async_save,
+                  save_safetensors=sft.save_safetensors),
               save_states=saved, device=dist.device, start_iteration=start, is_rank0=dist.rank == 0)
     info = {"run_dir": str(plan.run_dir), "source": str(source.path), "source_kind": source.kind, "tp": parallel.tp,
             "pp": parallel.pp, "dp": parallel.dp, "train_iters": plan.train_iters, "start_iteration": start,

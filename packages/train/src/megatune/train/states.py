@@ -64,6 +64,11 @@ class CheckpointFormat(abc.ABC):
     def latest(self) -> int | None:
         """The newest complete iteration, None when there is none."""
 
+    def finalize(self, blocking: bool = False) -> None:
+        """Formats that write in the background publish the saves that have finished (every rank calls);
+        `blocking`: wait for the one in flight. Synchronous formats have nothing to do."""
+        return None
+
 
 # ------------------------------------------------------------------------------------------------ model
 def single(model_chunks) -> torch.nn.Module:

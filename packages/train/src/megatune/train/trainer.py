@@ -188,6 +188,10 @@ def train(run: Run) -> dict[str, Any]:
         if run.checkpoint is not None and (iteration == train_iters or (save_interval and iteration % save_interval == 0)):
             save(run, iteration)
             last_saved = iteration
+        if run.checkpoint is not None:
+            run.checkpoint.finalize()  # an asynchronous save whose write has finished is published
 
+    if run.checkpoint is not None:
+        run.checkpoint.finalize(blocking=True)
     run.logger.plot()
     return {"losses": losses, "eval_losses": eval_losses, "iteration": iteration, "last_saved": last_saved}
