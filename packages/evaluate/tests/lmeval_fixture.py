@@ -172,6 +172,19 @@ def _norm_rule_matters(sample: dict) -> bool:
     return pick(lambda c: len(c) - 1) != pick(len)  # lm-eval's choice length vs the delimiter counted
 
 
+def dump_fixture(fixture: dict) -> str:
+    """JSON with one line per run header and per sample (readable diffs, few lines)."""
+    def one(x) -> str:
+        return json.dumps(x, ensure_ascii=False)
+
+    head = {k: v for k, v in fixture.items() if k != "runs"}
+    runs = []
+    for run in fixture["runs"]:
+        meta = one({k: v for k, v in run.items() if k != "samples"})[:-1]
+        runs.append(meta + ', "samples": [\n' + ",\n".join(one(s) for s in run["samples"]) + "]}")
+    return one(head)[:-1] + ', "runs": [\n' + ",\n".join(runs) + "\n]}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lmeval_python", default="/tmp/lmeval/bin/python")
@@ -202,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             "arc_rows": ARC_ROWS, "runs": runs,
         }
     FIXTURE.parent.mkdir(exist_ok=True)
-    FIXTURE.write_text(json.dumps(fixture, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    FIXTURE.write_text(dump_fixture(fixture), encoding="utf-8")
     print(f"wrote {FIXTURE} ({sum(len(r['samples']) for r in runs)} samples in {len(runs)} task runs)")
     return 0
 

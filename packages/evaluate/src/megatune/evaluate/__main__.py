@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from megatune.argmap.errors import EXIT_USAGE
 from megatune.evaluate.cli import eval_main, infer_main
 
 
@@ -14,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in verbs:
         print("usage: python -m megatune.evaluate {infer,eval} [flags]   (--help after the verb lists them)",
               file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return verbs[argv[0]](argv[1:])
 
 

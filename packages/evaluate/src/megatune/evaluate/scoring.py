@@ -9,8 +9,8 @@ branch (prefix sharing, "tree" rows):
 
 Continuation token t is predicted by the row entry before it (the last context token for t = 0), exactly as in
 a separate forward over context + continuation, which is what lm-evaluation-harness runs for each request.
-A request longer than the model's positions is cut from the left the lm-eval way, (context + continuation)[-(L+1):],
-and gets a row of its own (its context is no longer the shared one).
+A request longer than the model's positions is cut from the left the lm-eval way, (context + continuation)[-(L+1):];
+what is left of its context is its row's context (shared with requests cut to the same tokens).
 
 Rows are sorted by length and batched right-padded: rows without branches (one-token answers such as " A") need no
 attention mask at all (plain causal attention, the fastest kernel); batches with branches get a 4D mask.
@@ -49,9 +49,10 @@ class Row:
 
 
 def build_rows(encoded: Sequence[tuple[list[int], list[int]]], max_length: int) -> tuple[list[Row], int]:
-    """Group (context, continuation) token pairs into rows; returns (rows, number of requests cut to fit)."""
-    rows: dict[tuple[int, ...], Row] = {}
-    alone: list[Row] = []
+    """Group (context, continuation) token pairs into rows; returns (rows, number of requests cut to fit).
+    A cut request's context is what is left of it, so requests cut to the same tokens (one-token answers to one
+    long question) still share a row."""
+    rows: dict[tuple[int, ...], Row] = {}  # every branch fits: len(context) + len(continuation) <= max_length + 1
     cut = 0
     for i, (ctx, cont) in enumerate(encoded):
         if not cont:
@@ -62,10 +63,10 @@ def build_rows(encoded: Sequence[tuple[list[int], list[int]]], max_length: int) 
         if len(ctx) + len(cont) > max_length + 1:
             cut += 1
             seq = (ctx + cont)[-(max_length + 1):]
-            alone.append(Row(tuple(seq[:len(seq) - len(cont)]), [(i, cont)]))
-        else:
-            rows.setdefault(tuple(ctx), Row(tuple(ctx))).conts.append((i, cont))
-    return sorted([*rows.values(), *alone], key=lambda r: -r.length), cut
+            ctx = seq[:len(seq) - len(cont)]
+        key = tuple(ctx)
+        rows.setdefault(key, Row(key)).conts.append((i, cont))
+    return sorted(rows.values(), key=lambda r: -r.length), cut
 
 
 def batches(rows: list[Row], batch_size: int, max_tokens: int) -> list[list[Row]]:
