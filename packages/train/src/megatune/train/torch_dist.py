@@ -164,7 +164,7 @@ class TorchDistFormat(CheckpointFormat):
 
     def __init__(self, directory, *, meta: dict | None = None, aux_dir=None, async_save: bool = False) -> None:
         self.directory, self.meta, self.aux_dir, self.async_save = Path(directory), meta, aux_dir, async_save
-        self._queue = None  # megatron-core AsyncCallsQueue, created on the first async save
+        self._queue = None  # async_save.AsyncWriter, created on the first async save
         # (staging dir, states, meta) -> None, every rank, before publishing: e.g. hf_stream's HF dir
         self.after_write = None
 
@@ -225,11 +225,10 @@ class TorchDistFormat(CheckpointFormat):
         if request is None:
             self._publish(iteration, full_meta)
         else:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+            from megatune.train.async_save import AsyncWriter
 
-            request.add_finalize_fn(lambda: self._publish(iteration, full_meta))
-            self._queue = self._queue or AsyncCallsQueue()
-            self._queue.schedule_async_request(request)
+            self._queue = self._queue or AsyncWriter()
+            self._queue.schedule(request, int(iteration), lambda: self._publish(iteration, full_meta))
         return self.directory / ckpt_layout.iteration_dir(iteration)
 
     def _publish(self, iteration: int, full_meta: dict) -> None:
@@ -250,16 +249,7 @@ class TorchDistFormat(CheckpointFormat):
     def finalize(self, blocking: bool = False) -> list[int]:
         """Publish async saves whose writes have finished on every rank (all ranks call; a collective).
         `blocking`: wait for the one in flight. Returns the finalized call indices."""
-        if self._queue is None:
-            return []
-        from megatron.core.dist_checkpointing.core import CheckpointingException
-
-        try:
-            return self._queue.maybe_finalize_async_calls(blocking=blocking)
-        except CheckpointingException as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrainError(f"{self.directory}: an asynchronous checkpoint write failed ({first}); the previous "
-                             f"checkpoint is kept; check free space and permissions of --output_dir") from None
+        return [] if self._queue is None else self._queue.finalize(blocking, where=str(self.directory))
 
     # ------------------------------------------------------------------------------------------- load
     def load(self, states: Mapping[str, Stateful], iteration: int | None = None) -> Loaded:
