@@ -64,7 +64,12 @@ class GroupedExperts(MegatronModule):
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None):
         super().__init__(config=config)
-        tp = pg_collection.expt_tp.size() if pg_collection is not None else 1
+        if pg_collection is None:
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            pg_collection = get_default_pg_collection()
+        self.ep_group, self.tp_group, self.dp_group = pg_collection.ep, pg_collection.expt_tp, pg_collection.expt_dp
+        tp = self.tp_group.size()
         if config.moe_ffn_hidden_size % tp:
             raise ValueError(f"expert ffn size {config.moe_ffn_hidden_size} is not divisible by the expert tensor "
                              f"parallel size {tp}; choose a tp dividing moe_intermediate_size")
@@ -112,6 +117,16 @@ class GroupedExperts(MegatronModule):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        whole = {f"{prefix}weight1": self.weight1, f"{prefix}weight2": self.weight2}  # from sharded_state_dict
+        if all(k in state_dict for k in whole):
+            for key, weight in whole.items():
+                if tuple(state_dict[key].shape) != tuple(weight.shape):
+                    error_msgs.append(f"{key}: shape {tuple(state_dict[key].shape)} in the checkpoint, "
+                                      f"{tuple(weight.shape)} in the model")
+                    continue
+                with torch.no_grad():
+                    weight.copy_(state_dict[key])
+            return
         for j in range(self.num_local_experts):
             for name, weight in zip(_NAMES, (self.weight1, self.weight2)):
                 key = f"{prefix}local_experts.{j}.{name}.weight"
@@ -129,3 +144,44 @@ class GroupedExperts(MegatronModule):
         for key in state_dict:
             if key.startswith(prefix) and key not in known and not key.endswith("_extra_state"):
                 unexpected_keys.append(key)
+
+    # ----------------------------------------------------------------------- dist checkpointing (torch_dist)
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """SequentialMLP's distributed-checkpoint layout: `{prefix}experts.linear_fc1.weight` / `linear_fc2.weight`,
+        each one global tensor [..., experts, rows, cols] (the expert axis after the layer axis, rows/cols split over
+        expert TP, fc1 stored as its gate and up halves), so checkpoints reshard over ep/tp and load into either
+        module. One sharded tensor per 3-D parameter (under the keys weight1/weight2, which _load_from_state_dict
+        takes), so the optimizer's states map onto them; plus SequentialMLP's empty per-expert `_extra_state`."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+        if (metadata or {}).get("singleton_local_shards"):
+            raise NotImplementedError("GroupedExperts: singleton_local_shards checkpoints are not supported; save "
+                                      "with megatron-core's default (non-singleton) layout")
+        p = len(sharded_offsets)  # prepended (virtual) axes, the layer axis; our expert axis is local axis 0
+        expert_axis = (p, self.ep_group.rank(), self.ep_group.size())
+        tp_rank, tp = self.tp_group.rank(), self.tp_group.size()
+        replica = (0, 0, self.dp_group.rank())  # replicated over expert data parallelism only
+        key = f"{prefix}experts."
+        fc2 = ShardedTensor.from_rank_offsets(f"{key}linear_fc2.weight", self.weight2, *sharded_offsets, expert_axis,
+                                              (p + 2, tp_rank, tp), replica_id=replica, prepend_axis_num=p)
+
+        def split_gate_up(k, t, replica_id, flattened_range):
+            gate, up = (half.contiguous() for half in torch.chunk(t, 2, dim=1))
+            return [ShardedTensor.from_rank_offsets(k, half, *sharded_offsets, expert_axis, (p + 1, rank, 2 * tp),
+                                                    replica_id=replica_id, prepend_axis_num=p)
+                    for half, rank in ((gate, tp_rank), (up, tp_rank + tp))]
+
+        def merge_gate_up(parts):
+            return torch.cat(parts, dim=1)
+
+        fc1 = ShardedTensorFactory(f"{key}linear_fc1.weight", self.weight1, split_gate_up, merge_gate_up, replica)
+        out = {f"{prefix}weight1": fc1, f"{prefix}weight2": fc2}
+        # SequentialMLP's linears also store an (empty) `_extra_state` object per expert: write and read the same
+        n = self.num_local_experts
+        for j in range(n):
+            offsets = (*sharded_offsets, (p, self.ep_group.rank() * n + j, self.ep_group.size() * n))
+            for name in _NAMES:
+                out[f"{prefix}local_experts.{j}.{name}._extra_state"] = make_sharded_object_for_checkpoint(
+                    None, f"{key}{name}._extra_state", offsets, replica_id=(0, tp_rank, self.dp_group.rank()))
+        return out

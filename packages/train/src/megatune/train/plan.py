@@ -137,6 +137,12 @@ def resolve_parallel(sft: SftArguments, source: Source, world_size: int) -> Para
                          f"--pp {saved[1]} --expert_model_parallel_size {saved[2]} to continue it, "
                          f"or export it (`megatune export --ckpt_dir DIR --to_hf true`) and start from "
                          f"--model_id_or_path DIR/{source.meta.get('model_type')}-hf")
+    if source.kind == "run" and (saved[2] > 1) != (ep > 1) and is_torch_dist(source.path):
+        # megatron-core keeps expert parameters in an optimizer of their own only when ep > 1
+        raise TrainError(f"{source.path}: run saved with ep={saved[2]}, this run has ep={ep}; optimizer state of a "
+                         f"run with expert parallelism (separate expert optimizer) and one without cannot be loaded "
+                         f"into each other: pass --expert_model_parallel_size {'2 or more' if saved[2] > 1 else 1}, "
+                         f"or start from its weights (`megatune export --ckpt_dir DIR --to_hf true`)")
     # megatron-core's MoELayer refuses to train with tp > 1 without sequence parallelism: MoE turns it on
     return Parallel(world_size=world_size, tp=tp, pp=pp, dp=world_size // (tp * pp), ep=ep,
                     sp=(bool(sft.sequence_parallel) or shape is not None) and tp > 1)
