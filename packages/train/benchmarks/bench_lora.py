@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import SMOKE_CFG, margs_for, microbatch  # noqa: E402
+from bench_train import SMOKE_CFG, margs_for, microbatch, top_kernels  # noqa: E402
 from hf_baseline import qwen2_config  # noqa: E402
 
 HF_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # = ALL
@@ -52,7 +52,7 @@ def _peak_gb(gpu: bool) -> float:
 
 
 def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warmup: int, lora_rank: int | None,
-                   recompute: str | None) -> dict:
+                   recompute: str | None, dropout: float = 0.05, profile: bool = False) -> dict:
     """One megatune variant in this process (a torchrun rank): LoRA when lora_rank is set, else full fine-tuning."""
     from megatune.train import lora, optim, runtime, steps
     from megatune.train.distributed import init_distributed
@@ -70,7 +70,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
                              sequence_parallel=tp > 1, seq_length=seq, spec="native", recompute_granularity=recompute)
         trainable = None
         if lora_rank:
-            trainable = lora.apply_lora(chunks, lora.LoraConfig(rank=lora_rank, alpha=32.0, dropout=0.05,
+            trainable = lora.apply_lora(chunks, lora.LoraConfig(rank=lora_rank, alpha=32.0, dropout=dropout,
                                                                 targets=("ALL",)))
         margs = margs_for(bf16=gpu, distributed=gpu, gbs=mbs * dist.dp)
         policy = resolve_policy(Request(precision="bf16" if gpu else "fp32", distributed_optimizer=gpu),
@@ -84,31 +84,45 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
         batches = [[microbatch(cfg["vocab_size"], mbs, seq, 1000 * i + dist.dp_rank, dist.device)]
                    for i in range(warmup + steps_n)]
         losses = []
+
+        def step(batch):
+            out = steps.train_step(model, optimizer, scheduler, batch, forward_step, increment=mbs * dist.dp,
+                                   device=dist.device)
+            losses.append(out["loss"])
+
         for i, batch in enumerate(batches):
             if i == warmup:
                 if gpu:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-            out = steps.train_step(model, optimizer, scheduler, batch, forward_step, increment=mbs * dist.dp,
-                                   device=dist.device)
-            losses.append(out["loss"])
+            step(batch)
         if gpu:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+        kernels = None
+        if profile and gpu:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step(batches[0])
+                torch.cuda.synchronize()
+            kernels = top_kernels(prof, 12)
     except torch.OutOfMemoryError as e:
         return {"name": name, "gpus": dist.world_size, "oom": str(e).splitlines()[0][:160],
                 "device_gb": torch.cuda.get_device_properties(0).total_memory / 2**30 if gpu else 0.0}
     result = {"name": name, "gpus": dist.world_size, "tokens_per_s": steps_n * mbs * dist.dp * seq / seconds,
               "peak_mem_gb": _peak_gb(gpu), "losses": losses, "step_s": seconds / steps_n,
-              "trainable_per_rank": trainable}
-    del model, optimizer, scheduler, chunks
+              "trainable_per_rank": trainable, "top_kernels": kernels}
+    model = optimizer = scheduler = chunks = None  # free the GPU memory before the next variant
     gc.collect()
     if gpu:
         torch.cuda.empty_cache()
     return result
 
 
-def bench_hf_peft(cfg: dict, *, seq: int, mbs: int, steps_n: int, warmup: int, rank: int, grad_ckpt: bool) -> dict:
+def bench_hf_peft(cfg: dict, *, seq: int, mbs: int, steps_n: int, warmup: int, rank: int, grad_ckpt: bool,
+                  dropout: float = 0.05) -> dict:
     """transformers + peft on one device (bf16 base, fp32 adapters, bf16 autocast, SDPA, fused AdamW)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -120,11 +134,12 @@ def bench_hf_peft(cfg: dict, *, seq: int, mbs: int, steps_n: int, warmup: int, r
     config._attn_implementation = "sdpa"
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if gpu else torch.float32).to(device)
+    with torch.device(device):  # random init on the GPU: seconds, not minutes of CPU init for 7B
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if gpu else torch.float32)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.05, target_modules=list(HF_NAMES),
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=32, lora_dropout=dropout, target_modules=list(HF_NAMES),
                                              task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -161,7 +176,8 @@ def worker(spec: dict) -> None:
     from megatune.train.distributed import destroy
 
     result = bench_megatune(spec["cfg"], tp=spec["tp"], seq=spec["seq"], mbs=spec["mbs"], steps_n=spec["steps"],
-                            warmup=spec["warmup"], lora_rank=spec["lora_rank"], recompute=spec["recompute"])
+                            warmup=spec["warmup"], lora_rank=spec["lora_rank"], recompute=spec["recompute"],
+                            dropout=spec.get("dropout", 0.05), profile=spec.get("profile", False))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["out"]).write_text(json.dumps(result))
     destroy()
@@ -221,6 +237,8 @@ def main() -> None:
     p.add_argument("--hf-grad-ckpt", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--timeout", type=int, default=300, help="seconds per torchrun launch")
+    p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout on both sides")
+    p.add_argument("--profile", action="store_true", help="top CUDA kernels of one megatune LoRA step")
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -244,13 +262,14 @@ def main() -> None:
     spec = {"cfg": cfg, "tp": a.tp, "seq": a.seq, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
             "recompute": recompute}
     rows = {}
-    rows["lora"] = launch(dict(spec, lora_rank=a.rank), out, "megatune_lora", a.timeout)
+    rows["lora"] = launch(dict(spec, lora_rank=a.rank, dropout=a.dropout, profile=a.profile), out, "megatune_lora",
+                          a.timeout)
     if not a.skip_full:
         rows["full"] = launch(dict(spec, lora_rank=None), out, "megatune_full", a.timeout)
     if not a.skip_hf and a.tp == 1:
         try:
             rows["hf"] = bench_hf_peft(cfg, seq=a.seq, mbs=a.mbs, steps_n=a.steps, warmup=a.warmup, rank=a.rank,
-                                       grad_ckpt=a.hf_grad_ckpt)
+                                       grad_ckpt=a.hf_grad_ckpt, dropout=a.dropout)
         except torch.OutOfMemoryError as e:
             rows["hf"] = {"name": "HF + peft", "gpus": 1, "oom": str(e).splitlines()[0][:160],
                           "device_gb": torch.cuda.get_device_properties(0).total_memory / 2**30}
@@ -262,6 +281,8 @@ def main() -> None:
         print(fmt(r))
     for line in summary(rows):
         print(line)
+    for name, ms, count in (rows.get("lora") or {}).get("top_kernels") or []:
+        print(f"  {ms:9.1f} ms {count:6d}  {name[:100]}")
     return None
 
 

@@ -28,7 +28,8 @@ so every (tp, pp, dp) layout starts from the same adapters.
 
 Checkpointed recomputation with a frozen embedding: megatron-core's checkpoint function only produces a gradient
 path when an input requires grad, so the embedding output is marked as requiring grad (peft's
-`enable_input_require_grads`).
+`enable_input_require_grads`). The frozen output layer gets its logits gradient in canonical strides (`_canonical`:
+otherwise torch.matmul falls back to a per-token batched GEMM, 3x slower steps on a 7B model).
 """
 
 from __future__ import annotations
@@ -155,6 +156,28 @@ def _add_lora(linear, args, kwargs, output):
     return out + linear.lora(x), bias
 
 
+def _canonical(grad: torch.Tensor) -> torch.Tensor:
+    """`grad` with canonical (row-major) strides, copied only when they differ.
+
+    The loss gradient of the logits [s, 1, v] can carry an odd stride on its size-1 batch dimension (still
+    `is_contiguous()`). With the output layer's weight frozen, megatron-core's LinearWithFrozenWeight computes
+    `grad.matmul(weight)` with nothing requiring grad, and torch.matmul then does not fold [s, 1, v] into one GEMM
+    but runs a batched GEMM that reads the whole weight once per token: 0.93 s of a 1.18 s Qwen2-7B step on an H200.
+    (A trainable weight makes torch fold, which is why full fine-tuning never saw it.)"""
+    canonical, acc = [], 1
+    for n in reversed(grad.shape):
+        canonical.append(acc)
+        acc *= n
+    return grad if grad.stride() == tuple(reversed(canonical)) else grad.clone(memory_format=torch.contiguous_format)
+
+
+def _canonical_logits_grad(_module, _args, output):
+    # a tensor hook: it sees the logits' gradient before the output layer's backward (in-place changes of the
+    # logits by a loss function after this point do not move it)
+    if output[0].requires_grad:
+        output[0].register_hook(_canonical)
+
+
 def _require_grad_output(_module, _args, output):
     # see the module docstring: recomputed (checkpointed) layers need an input that requires grad
     return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
@@ -208,6 +231,8 @@ def apply_lora(model_chunks: list, cfg: LoraConfig) -> int:
                 count += linear.lora.A.numel() + linear.lora.B.numel()
         if model.pre_process:
             model.embedding.register_forward_hook(_require_grad_output)
+        if model.post_process:
+            model.output_layer.register_forward_hook(_canonical_logits_grad)
     return count
 
 
