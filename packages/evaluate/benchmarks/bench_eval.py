@@ -8,8 +8,8 @@
 The requests are built once by megatune's tasks (the loglikelihood protocol's contexts and continuations, the Native
 protocol's chat prompts rendered by the tokenizer's template) from --data_dir and written to a file; megatune's
 PtEngine and lm-eval's `HFLM` (model `hf`, run by --lmeval_python, a virtualenv with lm-eval; it imports nothing
-from megatune) each score them, with the same dtype, device and batch size, after a short warm-up. Model loading is
-not timed. The scores are compared (max |log-likelihood difference|, share of questions where both pick the same
+from megatune) each score them, with the same dtype, device and batch size, after a short warm-up, in --repeat
+rounds that alternate the two sides (both models stay loaded; loading is not timed); the fastest round counts. The scores are compared (max |log-likelihood difference|, share of questions where both pick the same
 choice, share of identical generations) and a Markdown block for BENCHMARKS.md is printed; --out writes the JSON.
 
 --model tiny: the 1000-token test model (make_tiny_model qwen2, fp32: attention is most of its compute). --model
@@ -36,16 +36,6 @@ SMALL = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, 
 QWEN2_1_5B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
               "num_key_value_heads": 2, "max_position_embeddings": 32768, "max_window_layers": 28,
               "vocab_size": 151936, "tie_word_embeddings": True}
-
-
-def best_of(repeat: int, fn, *args, **kwargs) -> tuple[float, object]:
-    """(fastest wall time of `repeat` calls, the last result): a shared machine's hiccups inflate single runs."""
-    times = []
-    for _ in range(max(1, repeat)):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 # ---------------------------------------------------------------- megatune side
@@ -81,34 +71,78 @@ def build_requests(args) -> dict:
 
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     ll, questions, native = [], [], []
-    for name, p in prepare(EvalSettings(datasets=args.datasets, data_dir=args.data_dir, limit=args.limit)).items():
+    settings = EvalSettings(datasets=args.datasets, data_dir=args.data_dir, limit=args.limit, few_shot=args.few_shot)
+    for name, p in prepare(settings).items():
         examples = [ex for rows in p.data.values() for ex in rows if not ex.defect]
         for ex in examples:
+            shots = p.shots.get(ex.subject, [])
             if isinstance(p.task, MultipleChoiceTask):
-                context, conts = p.task.ll_context(ex), p.task.continuations(ex)
+                context, conts = p.task.ll_context(ex, shots), p.task.continuations(ex)
                 questions.append([name, len(ll), len(conts)])
                 ll += [[context, c] for c in conts]
-            messages = [{"role": "user", "content": p.task.native_prompt(ex)}]
+            messages = [{"role": "user", "content": p.task.native_prompt(ex, shots)}]
             native.append(render(tok, messages))
     return {"loglikelihood": ll, "questions": questions, "native": native[:args.native_limit]}
 
 
-def time_megatune(args, work: dict) -> dict:
-    import torch
-    from megatune.evaluate.engine import Sampling
-    from megatune.evaluate.pt_engine import PtEngine
+class Megatune:
+    """megatune's PtEngine, in this process."""
 
-    engine = PtEngine(args.model_dir, dtype=args.dtype, batch_size=args.batch_size)
-    out = {"device": str(engine.device), "torch": torch.__version__}
-    if "loglikelihood" in args.protocols:
-        reqs = [tuple(r) for r in work["loglikelihood"]]
-        engine.loglikelihood(reqs[:64])  # warm-up: allocator, kernel selection
-        out["loglikelihood_s"], out["loglikelihood"] = best_of(args.repeat, engine.loglikelihood, reqs)
-    if "native" in args.protocols:
-        sampling = Sampling(max_new_tokens=args.max_new_tokens)
-        engine.generate(work["native"][:8], sampling)  # raw strings: the template is already applied
-        out["native_s"], out["native"] = best_of(args.repeat, engine.generate, work["native"], sampling)
-    return out
+    def __init__(self, args, work: dict) -> None:
+        import torch
+        from megatune.evaluate.engine import Sampling
+        from megatune.evaluate.pt_engine import PtEngine
+
+        self.engine = PtEngine(args.model_dir, dtype=args.dtype, batch_size=args.batch_size)
+        self.info = {"device": str(self.engine.device), "torch": torch.__version__}
+        self.requests = [tuple(r) for r in work["loglikelihood"]]
+        self.prompts, self.sampling = work["native"], Sampling(max_new_tokens=args.max_new_tokens)
+        for protocol in args.protocols:  # warm-up: allocator, kernel selection
+            self.run(protocol, 64 if protocol == "loglikelihood" else 8)
+
+    def run(self, protocol: str, n: int | None = None) -> tuple[float, list]:
+        start = time.perf_counter()
+        if protocol == "loglikelihood":
+            out = self.engine.loglikelihood(self.requests[:n])
+        else:  # raw strings: the chat template is already applied
+            out = self.engine.generate(self.prompts[:n], self.sampling)
+        return time.perf_counter() - start, out
+
+    def close(self) -> None:
+        del self.engine
+
+
+class LmEval:
+    """lm-eval's HFLM in a peer process (--lmeval_python): `run <protocol>` lines in, `BENCH <seconds>` lines out,
+    results in a file at the end."""
+
+    def __init__(self, args, work_file: Path, tmp: Path) -> None:
+        self.out_file = tmp / "lmeval.json"
+        cmd = [args.lmeval_python, __file__, "--peer", str(work_file), "--peer_out", str(self.out_file),
+               "--model_dir", str(args.model_dir), "--dtype", args.dtype, "--batch_size", str(args.batch_size),
+               "--threads", str(args.threads), "--max_new_tokens", str(args.max_new_tokens),
+               "--protocols", *args.protocols]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._answer()  # "ready": model loaded, warmed up
+
+    def _answer(self) -> str:
+        for line in self.proc.stdout:
+            if line.startswith("BENCH "):
+                return line.split(None, 1)[1].strip()
+        raise SystemExit(f"bench_eval: error: the lm-eval peer stopped (exit {self.proc.wait()}); see its stderr")
+
+    def run(self, protocol: str) -> tuple[float, None]:
+        self.proc.stdin.write(f"run {protocol}\n")
+        self.proc.stdin.flush()
+        return float(self._answer()), None
+
+    def close(self) -> dict:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self._answer()
+        self.proc.wait()
+        return json.loads(self.out_file.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------- lm-eval side (runs in lm-eval's virtualenv)
@@ -123,29 +157,25 @@ def peer(args) -> int:
     work = json.loads(Path(args.peer).read_text(encoding="utf-8"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = HFLM(pretrained=str(args.model_dir), dtype=args.dtype, batch_size=args.batch_size, device=device)
+    gen = {"until": [], "max_gen_toks": args.max_new_tokens, "do_sample": False}
+    requests = {"loglikelihood": [Instance("loglikelihood", {}, tuple(r), i)
+                                  for i, r in enumerate(work["loglikelihood"])],
+                "native": [Instance("generate_until", {}, (p, gen), i) for i, p in enumerate(work["native"])]}
+    calls = {"loglikelihood": lm.loglikelihood, "native": lm.generate_until}
     out = {"lm_eval": __version__, "device": device}
-    if "loglikelihood" in args.protocols:
-        reqs = [Instance("loglikelihood", {}, tuple(r), i) for i, r in enumerate(work["loglikelihood"])]
-        lm.loglikelihood(reqs[:64], disable_tqdm=True)
-        out["loglikelihood_s"], out["loglikelihood"] = best_of(args.repeat, lm.loglikelihood, reqs, disable_tqdm=True)
-    if "native" in args.protocols:
-        gen = {"until": [], "max_gen_toks": args.max_new_tokens, "do_sample": False}
-        reqs = [Instance("generate_until", {}, (p, gen), i) for i, p in enumerate(work["native"])]
-        lm.generate_until(reqs[:8], disable_tqdm=True)
-        out["native_s"], out["native"] = best_of(args.repeat, lm.generate_until, reqs, disable_tqdm=True)
+    for protocol in args.protocols:  # warm-up, as on megatune's side
+        calls[protocol](requests[protocol][:64 if protocol == "loglikelihood" else 8], disable_tqdm=True)
+    print("BENCH ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        protocol = line.split()[1]
+        start = time.perf_counter()
+        out[protocol] = calls[protocol](requests[protocol], disable_tqdm=True)
+        print(f"BENCH {time.perf_counter() - start}", flush=True)
     Path(args.peer_out).write_text(json.dumps(out), encoding="utf-8")
+    print("BENCH done", flush=True)
     return 0
-
-
-def time_lmeval(args, work_file: Path, tmp: Path) -> dict:
-    out_file = tmp / "lmeval.json"
-    cmd = [args.lmeval_python, __file__, "--peer", str(work_file), "--peer_out", str(out_file), "--model_dir",
-           str(args.model_dir), "--dtype", args.dtype, "--batch_size", str(args.batch_size), "--threads",
-           str(args.threads), "--max_new_tokens", str(args.max_new_tokens), "--repeat", str(args.repeat),
-           "--protocols", *args.protocols]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run(cmd, check=True, env=env)
-    return json.loads(out_file.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------- comparison and report
@@ -169,9 +199,9 @@ def report(args, work: dict, ours: dict, theirs: dict) -> str:
              f"{' (' + torch.cuda.get_device_name() + ')' if ours['device'].startswith('cuda') else ''}, "
              f"torch {ours['torch']}, {args.threads or torch.get_num_threads()} CPU threads",
              f"- command: `python packages/evaluate/benchmarks/bench_eval.py {' '.join(args.argv)}`",
-             f"- model: {args.model} ({args.dtype}); data: {' '.join(args.datasets)}"
+             f"- model: {args.model} ({args.dtype}); data: {' '.join(args.datasets)}, {args.few_shot}-shot"
              f"{f' (first {args.limit} per subject)' if args.limit else ''}; batch size {args.batch_size} both; "
-             f"best of {args.repeat}",
+             f"best of {args.repeat} alternating rounds",
              "", "| protocol | requests | megatune s | lm-eval s | megatune req/s | lm-eval req/s | speed-up | agreement |",
              "|---|---|---|---|---|---|---|---|"]
     for protocol in args.protocols:
@@ -189,12 +219,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="tiny | small | qwen2-1.5b | a HF folder")
     p.add_argument("--datasets", nargs="+", default=["mmlu#3", "arc#150"], help="--eval_dataset specs")
     p.add_argument("--limit", type=int, default=None, help="samples per subject for specs without #N")
+    p.add_argument("--few_shot", type=int, default=0, help="solved examples per prompt (first k of dev/train)")
     p.add_argument("--protocols", nargs="+", default=["loglikelihood"], choices=["loglikelihood", "native"])
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads in both processes (0 = default)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="Native protocol: tokens generated per prompt")
-    p.add_argument("--repeat", type=int, default=1, help="time each side this many times, keep the fastest")
+    p.add_argument("--repeat", type=int, default=1, help="rounds, alternating the two sides; the fastest counts")
     p.add_argument("--native_limit", type=int, default=None, help="Native protocol: at most this many prompts")
     p.add_argument("--lmeval_python", default=os.environ.get("LMEVAL_PYTHON", "/tmp/lmeval/bin/python"))
     p.add_argument("--data_dir", default=os.environ.get("MEGATUNE_EVAL_DATA") or str(DEFAULT_DATA))
@@ -226,10 +257,20 @@ def main(argv: list[str] | None = None) -> int:
         work = build_requests(args)
         work_file = Path(tmp) / "requests.json"
         work_file.write_text(json.dumps(work, ensure_ascii=False), encoding="utf-8")
-        ours = time_megatune(args, work)
-        if device == "cuda":
-            torch.cuda.empty_cache()  # the peer loads its own copy of the model
-        theirs = time_lmeval(args, work_file, Path(tmp))
+        sides = {"megatune": Megatune(args, work), "lmeval": LmEval(args, work_file, Path(tmp))}
+        times: dict = {(side, p): [] for side in sides for p in args.protocols}
+        ours: dict = dict(sides["megatune"].info)
+        for _ in range(args.repeat):  # alternate the two sides, so a busy spell on a shared machine hits both
+            for protocol in args.protocols:
+                for name, side in sides.items():
+                    seconds, result = side.run(protocol)
+                    times[(name, protocol)].append(seconds)
+                    if result is not None:
+                        ours[protocol] = result
+        sides["megatune"].close()
+        theirs = sides["lmeval"].close()
+    for protocol in args.protocols:  # the fastest of the rounds on each side
+        ours[f"{protocol}_s"], theirs[f"{protocol}_s"] = (min(times[(s, protocol)]) for s in ("megatune", "lmeval"))
     text = report(args, work, ours, theirs)
     print("\n" + text + "\n")
     if args.out:

@@ -143,7 +143,7 @@ def test_one_token_answers_need_no_attention_mask(engine, monkeypatch):
         seen.append(kw.get("attention_mask"))
         return forward(*args, **kw)
 
-    requests = [(CONTEXTS[0], f" {letter}") for letter in "ABC"] + [(CONTEXTS[0][:-1], ":")]
+    requests = [(CONTEXTS[0], f" {letter}") for letter in "ABC"] + [(CONTEXTS[3], " A")]  # nothing in common
     assert all(len(engine.encoder.pair(*r)[1]) == 1 for r in requests)
     monkeypatch.setattr(engine.model, "forward", recording)
     engine.loglikelihood(requests)
@@ -169,3 +169,29 @@ def test_too_long_requests_are_cut_as_lm_eval_does(engine):
         rows = torch.log_softmax(logits.double(), -1)[-len(cont):]
         want = rows.gather(-1, torch.tensor(cont, device=engine.device)[:, None]).sum().item()
         assert lp == pytest.approx(want, abs=1e-4)
+
+
+def test_few_shot_contexts_share_their_prefix(engine, monkeypatch):
+    """Contexts that start with the same solved examples run that start once (one row); each score still equals
+    a separate forward over its own context + answer. A short common start is not shared (not worth it)."""
+    shots = "".join(f"Question: what is {i} plus {i}?\nAnswer: {2 * i}\n\n" for i in range(12))
+    contexts = [shots + f"Question: what is {q}?\nAnswer:" for q in ("one", "two and two", "the sun")]
+    requests = [(c, x) for c in contexts for x in (" 2", " 4", " hot gas")]
+    shapes = []
+    forward = engine.model.forward
+
+    def recording(*args, **kw):
+        shapes.append(tuple(kw["input_ids"].shape))
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(engine.model, "forward", recording)
+    got = engine.loglikelihood(requests)
+    separate = sum(len(engine.encode(c)) for c in contexts)
+    assert len(shapes) == 1 and shapes[0][0] == 1 and shapes[0][1] < separate  # one row, the shots once
+    shapes.clear()
+    engine.loglikelihood([(f"Q{i}: what is {q}?\nAnswer:", " 4") for i, q in enumerate(("one", "two", "six"))])
+    assert shapes == [(3, shapes[0][1])]  # three rows: "Q" in common is not worth a longer row
+    monkeypatch.undo()
+    for r, (lp, greedy) in zip(requests, got):
+        want_lp, want_greedy = reference(engine, *r)
+        assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy

@@ -1,8 +1,9 @@
 """The `pt` engine: plain transformers, on any machine.
 
 Design choices:
-- Scoring (loglikelihood) packs each context once with all its continuations as branches and batches those rows by
-  length, right-padded, computing only the logits of the scored positions (scoring.py has the layout).
+- Scoring (loglikelihood) runs each context once with all its continuations as branches, contexts with a long common
+  start (few-shot prompts) share it, and rows are batched by length, right-padded, computing only the logits of the
+  scored positions (scoring.py has the layout and the cost rule).
 - Generation: prompts sorted by token length (longest first, so an out-of-memory shows up in the first batch),
   LEFT-padded batches so every row ends at the same column and generation appends there; position ids come from
   the attention mask, so a padded row sees the same positions as alone. Results come back in the caller's order.
@@ -52,6 +53,10 @@ class PtEngine:
         self.dtype = dtype
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.encoder = Encoder(self.tokenizer, add_bos)
+        try:  # how much a longer row costs in attention: decides which contexts share a row (scoring.py)
+            self.alpha = scoring.attention_weight(self.model.config.get_text_config())
+        except AttributeError:  # an unusual config: share only what is surely cheaper
+            self.alpha = 0.01
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
         self.eos_ids = _eos_ids(self.tokenizer, self.model.generation_config)
         tok = self.tokenizer
@@ -60,7 +65,8 @@ class PtEngine:
     def describe(self) -> dict:
         return {"engine": "pt", "dtype": self.dtype, "device": str(self.device), "max_length": self.max_length,
                 "attention": getattr(self.model.config, "_attn_implementation", None),
-                "batch_size": self.batch_size, "scoring": "one row per context, continuations as branches",
+                "batch_size": self.batch_size,
+                "scoring": "each context once, continuations as branches, long common prefixes shared",
                 **self.encoder.describe()}
 
     # ---------------------------------------------------------------- tokenization
@@ -152,7 +158,7 @@ class PtEngine:
     def loglikelihood(self, requests: Sequence[tuple[str, str]], progress=None) -> list[tuple[float, bool]]:
         encoded = [self.encoder.pair(c, x) for c, x in requests]
         try:
-            rows, cut = scoring.build_rows(encoded, self.max_length)
+            rows, cut = scoring.build_rows(encoded, self.max_length, self.alpha)
         except ValueError as e:
             raise EvalError(f"loglikelihood: {e}") from None
         notice_truncated(cut, len(requests), self.max_length + 1, "the model's positions, context + continuation")
@@ -161,7 +167,7 @@ class PtEngine:
             for i, total, greedy in scoring.score_batch(self.model, batch, self.pad_id, self.device):
                 results[i] = (total, greedy)
             if progress is not None:
-                progress.update(sum(len(r.conts) for r in batch))
+                progress.update(sum(len(c.conts) for r in batch for c in r.contexts))
         return results
 
 
