@@ -1,5 +1,6 @@
 """torch_dist checkpoints (megatron-core dist_checkpointing) on CPU over gloo:
 
+0. an `export --ckpt_format torch_dist` (written at tp1) loads at tp2 x pp2 into the weights of the HF model;
 1. a run saved at (tp, pp, dp) = (2, 1, 2) resumes at (1, 2, 2) and (1, 1, 4) with the losses of the uninterrupted
    run (model, optimizer, scheduler and data position resharded), all in one group of 4 processes;
 2. --save_safetensors: the HF dir written by the training ranks equals `export --to_hf` of the same checkpoint,
@@ -58,13 +59,31 @@ def _as_rank(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
 
 
-def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]) -> dict:
+def _same_weights(model_dir: str, exported: str) -> list[str]:
+    """An exported torch_dist dir loads at tp2 x pp2 into the weights the HF dir loads into (names that differ)."""
+    from megatune.train import distributed
+    from megatune.train.checkpoint import load_pretrained
+    from megatune.train.model import build_model
+
+    distributed.init_distributed(2, 2)
+    [a], [b] = build_model(model_dir, tp=2, pp=2), build_model(model_dir, tp=2, pp=2)
+    load_pretrained([a], model_dir)
+    load_pretrained([b], exported)
+    sa, sb = a.state_dict(), b.state_dict()
+    bad = [k for k in sa if torch.is_tensor(sa[k]) and not torch.equal(sa[k], sb[k])]
+    distributed.destroy()
+    return bad
+
+
+def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int], exported: str) -> dict:
     from megatune.convert import api
     from megatune.train import cli
 
+    differ = _same_weights(model_dir, exported)
+    _as_rank(rank, world, ports[-2])
     flags = dict(max_steps=STEPS, save_steps=SAVE_AT, ckpt_format="torch_dist", save_safetensors="true")
     res = cli.run(sft_argv(model_dir, out_dir, tp=2, pp=1, **flags), progress=False)
-    results = {"base": {k: res[k] for k in ("losses", "run_dir", "last_saved")}}
+    results = {"base": {k: res[k] for k in ("losses", "run_dir", "last_saved")}, "differ": differ}
     run_dir = res["run_dir"]
     ready = Path(out_dir) / "rewound"
     if rank == 0:  # a crash after the save of SAVE_AT: the tracker points there
@@ -93,8 +112,19 @@ def tiny_qwen2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def group(tiny_qwen2, tmp_path_factory):
+    from megatune.convert.cli import main
+
     out = tmp_path_factory.mktemp("runs")
-    return spawn(4, _group, str(tiny_qwen2), str(out), [free_port() for _ in range(len(RESUMED) + 1)])[0]
+    exported = out / "exported"
+    assert main(["--model_id_or_path", str(tiny_qwen2), "--to_megatron", "true", "--megatron_output_dir",
+                 str(exported), "--ckpt_format", "torch_dist"]) == 0
+    ports = [free_port() for _ in range(len(RESUMED) + 2)]
+    return spawn(4, _group, str(tiny_qwen2), str(out), ports, str(exported))[0]
+
+
+@pytest.mark.slow
+def test_exported_torch_dist_loads_at_another_layout(group):
+    assert group["differ"] == [], f"tp2 x pp2 weights from the tp1 export differ from HF's: {group['differ']}"
 
 
 def load_hf(d: Path) -> dict[str, torch.Tensor]:

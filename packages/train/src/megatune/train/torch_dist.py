@@ -213,7 +213,7 @@ class TorchDistFormat(CheckpointFormat):
         sd = self._sharded(states, loading=False, with_rng=True)
         sd.update({"args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
                    "checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
-                   "megatune_layout": _layout(),
+                   "megatune_layout": _layout(), "megatune_optimizer": _content_metadata(states.get("optimizer")),
                    "extra": {_EXTRA.get(k, k): v.state_dict() for k, v in states.items() if k not in _OWN}})
         if "scheduler" in states:
             sd["opt_param_scheduler"] = states["scheduler"].state_dict()
@@ -273,6 +273,13 @@ class TorchDistFormat(CheckpointFormat):
                 if "optimizer" in states and "optimizer" not in common:
                     raise TrainError(f"{self.directory}: iteration {iteration} has no optimizer state (saved with "
                                      f"--save_only_model); load the weights only")
+                saved_md = common.get("megatune_optimizer", _content_metadata(None))
+                if "optimizer" in states and saved_md != _content_metadata(states["optimizer"]):
+                    kind = "the distributed" if "distrib_optim_sharding_type" in saved_md else "a replicated"
+                    raise TrainError(f"{self.directory}: optimizer state was saved by {kind} optimizer, this run uses "
+                                     f"the other kind; pass --use_distributed_optimizer "
+                                     f"{str('distrib_optim_sharding_type' in saved_md).lower()} (the distributed "
+                                     f"optimizer needs a GPU), or load the weights only")
                 same = common.get("megatune_layout") == _layout()
                 sd = self._sharded(states, loading=True, with_rng=same and "rng_state" in _sharded_keys(path))
                 loaded = dist_checkpointing.load(sd, str(path))
@@ -298,7 +305,8 @@ class TorchDistFormat(CheckpointFormat):
         if "optimizer" in states:
             optimizer = states["optimizer"]
             fused = any(g.get("fused") for opt in torch_optimizers(optimizer) for g in opt.param_groups)
-            optimizer.load_state_dict(loaded["optimizer"])
+            with _adam_step_kept(optimizer):
+                optimizer.load_state_dict(loaded["optimizer"])
             if fused:  # load_state_dict restored the saved groups' kernel flags: keep this optimizer's choice
                 use_fused_adamw(optimizer, devices=("cuda", "cpu"))
         if "scheduler" in states and "opt_param_scheduler" in common:
@@ -316,6 +324,33 @@ class TorchDistFormat(CheckpointFormat):
                 obj.load_state_dict(extra[_EXTRA.get(key, key)])
             except ValueError as e:
                 raise TrainError(f"{self.directory}: {e}") from None
+
+
+@contextlib.contextmanager
+def _adam_step_kept(optimizer):
+    """megatron-core 0.16's distributed optimizer, loading 'fully_reshardable' state, copies every key of the live
+    torch AdamW state (param, exp_avg, exp_avg_sq, step) from the loaded tensors, which skip "step" (it comes from
+    the param groups): KeyError 'step' without TE/apex. Copy the others, keep the step it set."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+    for opt in patched:
+        def set_states(model_param, tensors, opt=opt, real=opt._set_main_param_and_optimizer_states):
+            group, order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state.get(opt.optimizer.param_groups[group]["params"][order], {})
+            step = state.pop("step", None) if "step" not in tensors else None
+            try:
+                real(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # the class's method again
 
 
 def _sharded_keys(path: Path) -> set[str]:

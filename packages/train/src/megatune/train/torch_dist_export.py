@@ -1,14 +1,15 @@
 """`megatune export --ckpt_format torch_dist`: HF -> torch_dist (a release checkpoint) and torch_dist -> HF.
 
 One process, no GPU. The names and global shapes of a torch_dist checkpoint are megatron-core's (GPTModel.
-sharded_state_dict: layer axis, TP offsets, SwiGLU halves), so they are asked of megatron-core itself: the GPTModel
-is built on the meta device at tp=1, pp=1 (no memory, no initialisation) only for its sharded state dict, whose
-tensors are then pointed at the real ones. At tp=1 every Megatron tensor is the whole (unsharded) tensor, so the HF
-side is convert's merge rules alone (QKV by group, [gate; up], vocab padding): the same rows `export --to_hf` and
-`--to_megatron` use, hence byte-identical round trips.
+sharded_state_dict: layer axis, TP offsets, SwiGLU halves, an expert axis), so they are asked of the model itself:
+the GPTModel is built at tp=1, pp=1 on the meta device (no initialisation) and given uninitialised CPU storage; the
+HF tensors are loaded into it one at a time through its own `load_state_dict` (convert's names, which modules such
+as the grouped MoE experts translate), and its sharded state dict is saved. Back to HF, the checkpoint is loaded
+into such a model and its `state_dict()` split into HF tensors by convert's merge rules (QKV by group, [gate; up],
+vocab padding): the rows `export --to_hf` uses, hence byte-identical round trips.
 
-Memory: one copy of the model's weights (dist_checkpointing writes a whole state dict at once); the legacy format
-streams tensor by tensor instead. Loading goes through torch_dist.safe_loading (no arbitrary unpickling).
+Memory: the model's weights once (dist_checkpointing writes a whole state dict at once); the legacy format streams
+tensor by tensor instead. Loading goes through torch_dist.safe_loading (no arbitrary unpickling).
 """
 
 from __future__ import annotations
@@ -69,24 +70,46 @@ def meta_model(meta: dict):
     return model
 
 
-def _sharded_model(model, tensors: dict[str, torch.Tensor], where: str) -> dict:
-    """model.sharded_state_dict() with every tensor entry pointing at `tensors[name]` (same names, tp=1 shapes)."""
+def cpu_model(meta: dict):
+    """meta_model with uninitialised CPU storage (the RoPE buffer is never used: no forward pass runs)."""
+    return meta_model(meta).to_empty(device="cpu")
+
+
+def _sharded(model) -> dict:
     from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     md = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
           "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    sd = model.sharded_state_dict(metadata=md)
-    wanted = {k for k, v in sd.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
-    if wanted != set(tensors):
-        raise TrainError(f"{where}: tensor names differ from megatron-core's GPTModel (only in the checkpoint: "
-                         f"{sorted(set(tensors) - wanted)[:3]}, only in the model: {sorted(wanted - set(tensors))[:3]})")
-    for k in wanted:
-        if tuple(sd[k].data.shape) != tuple(tensors[k].shape):
-            raise TrainError(f"{where}: tensor {k} has shape {tuple(tensors[k].shape)}, megatron-core expects "
-                             f"{tuple(sd[k].data.shape)}")
-        sd[k].data = tensors[k]
-    return sd
+    return model.sharded_state_dict(metadata=md)
+
+
+def _model_names(model) -> set[str]:
+    return {k for k in model.state_dict() if not k.endswith("_extra_state")}
+
+
+def fill_from_hf(model, hf_dir: Path, meta: dict, allow_nonfinite: bool) -> None:
+    """Every HF tensor into `model` (tp=1), one at a time, through the model's own load_state_dict."""
+    from megatune.convert.arch import shape_of
+    from megatune.convert.hf_io import HFReader
+    from megatune.convert.megatron_io import DTYPES
+    from megatune.convert.plan import rank_part, stage_entries
+
+    shape, dtype, loaded = shape_of(meta["hf_config"]), DTYPES[meta["dtype"]], set()
+    reader = HFReader(hf_dir)
+    try:
+        for e in stage_entries(shape, [shape.layers], 0, meta["naming"], ep=1, ep_rank=0):
+            t = rank_part(e, reader, shape, 1, 0, meta["padded_vocab_size"]).to(dtype)
+            if not allow_nonfinite and t.is_floating_point() and not t.isfinite().all():
+                raise TrainError(f"{hf_dir}: the weights of {e.name} ({', '.join(e.hf_names)}) hold NaN or Inf; "
+                                 f"re-download them (or pass --allow_nonfinite true to export them anyway)")
+            unexpected = model.load_state_dict({e.name: t}, strict=False).unexpected_keys
+            if unexpected:
+                raise TrainError(f"{hf_dir}: megatron-core's GPTModel has no tensor {unexpected[0]}")
+            loaded.add(e.name)
+    finally:
+        reader.release()
+    if _model_names(model) != loaded:
+        raise TrainError(f"{hf_dir}: tensors not filled from HF: {sorted(_model_names(model) - loaded)[:3]}")
 
 
 def release_meta(hf_dir: Path, *, tp: int, pp: int, dtype, model_type: str | None, naming: str,
@@ -128,17 +151,13 @@ def hf_to_torch_dist(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype=None, m
                         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                         layers_per_stage=layers_per_stage, ep=ep)
     with _one_process():
-        state = api.hf_to_megatron_rank(hf_dir, tp=1, pp=1, tp_rank=0, pp_rank=0, naming=naming, dtype=meta["dtype"],
-                                        make_vocab_size_divisible_by=meta["padded_vocab_size"])
-        bad = [k for k, t in state.items() if not allow_nonfinite and t.is_floating_point() and not t.isfinite().all()]
-        if bad:
-            raise TrainError(f"{hf_dir}: tensor {bad[0]} holds NaN or Inf; the weights are damaged: re-download them "
-                             f"(or pass --allow_nonfinite true to export them anyway)")
-        need = sum(t.numel() * t.element_size() for t in state.values()) + (1 << 20)
+        model = cpu_model(meta)
+        fill_from_hf(model, hf_dir, meta, allow_nonfinite)
+        need = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t)) + (1 << 20)
         with ckpt_layout.atomic_dir(out_dir, overwrite, inputs=[hf_dir], need=need, flag="--megatron_output_dir") as tmp:
-            sd = {"model": _sharded_model(meta_model(meta), state, str(hf_dir)),
-                  "args": api.megatron_args_namespace(meta), "checkpoint_version": CHECKPOINT_VERSION,
-                  "iteration": 0, "megatune_layout": {"tp": 1, "pp": 1, "dp": 1, "ep": 1}}
+            sd = {"model": _sharded(model), "args": api.megatron_args_namespace(meta),
+                  "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                  "megatune_layout": {"tp": 1, "pp": 1, "dp": 1, "ep": 1}}
             (tmp / RELEASE).mkdir()
             dist_checkpointing.save(sd, str(tmp / RELEASE))
             api.write_meta(tmp, meta)
@@ -149,25 +168,24 @@ def hf_to_torch_dist(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype=None, m
 
 
 def load_full_state(ckpt_dir: Path, meta: dict, iteration) -> dict[str, torch.Tensor]:
-    """Every tensor of a torch_dist iteration at tp=1, pp=1 (GPTModel state-dict names), read allow-listed."""
+    """Every tensor of a torch_dist iteration at tp=1, pp=1 (convert's names), read allow-listed."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatune.convert.megatron_io import DTYPES
     from megatune.train.torch_dist import LOAD_ERRORS, load_error, safe_loading
 
-    model = meta_model(meta)
-    dtype = DTYPES[meta["dtype"]]
-    empty = {k: torch.empty(tuple(v.shape), dtype=dtype) for k, v in model.state_dict().items()
-             if not k.endswith("_extra_state")}
-    sd = _sharded_model(model, empty, str(ckpt_dir))
-    sd = {k: v for k, v in sd.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+    model = cpu_model(meta)
+    sd = {k: v for k, v in _sharded(model).items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
     path = ckpt_dir / ckpt_layout.iteration_dir(iteration)
     try:
         with safe_loading():
             loaded = dist_checkpointing.load({"model": sd}, str(path))
     except LOAD_ERRORS as e:
         raise load_error(path, e) from None
-    return loaded["model"]
+    missing = [k for k in model.load_state_dict(loaded["model"], strict=False).missing_keys
+               if not k.endswith("_extra_state")]
+    if missing:
+        raise TrainError(f"{path}: the checkpoint lacks {missing[:3]}; it was saved for another model")
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
 def torch_dist_to_hf(ckpt_dir, out_dir=None, *, iteration=None, max_shard_size: int = 5 * 10**9,
