@@ -22,6 +22,7 @@ from megatune.convert.ckpt_layout import (
     AUX_FILES,
     HF_CONFIG,
     META,
+    RANK_DIR_GLOB,
     atomic_dir,
     copy_aux_files,
     is_megatron_dir,
@@ -45,7 +46,7 @@ _ADAPTER_NAME = re.compile(r"decoder\.layers\.(\d+)\.(.+)\.lora\.(A|B)")
 # ------------------------------------------------------------------------------------------------ base fingerprint
 def _weight_files(base: Path) -> list[Path]:
     if is_megatron_dir(base):  # Megatron: the rank files of the iteration the tracker names
-        return sorted(rank_file(base, read_latest(base), 0, 0, 1).parent.parent.glob("mp_rank_*/*.pt"))
+        return sorted(rank_file(base, read_latest(base), 0, 0, 1).parent.parent.glob(f"{RANK_DIR_GLOB}/*.pt"))
     return sorted(base.glob("*.safetensors"))
 
 

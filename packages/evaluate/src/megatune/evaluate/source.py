@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatune.convert.ckpt_layout import has_meta, is_megatron_dir
 from megatune.evaluate.errors import UsageError
 
 
@@ -17,7 +18,7 @@ def _hf_dir(d: Path, flag: str) -> Path:
         return d
     if (d / "adapter_config.json").is_file():  # a peft (LoRA) adapter dir: the engine loads its base + the adapter
         return d
-    if (d / "megatune.json").is_file() or (d / "latest_checkpointed_iteration.txt").is_file():
+    if has_meta(d) or is_megatron_dir(d):
         exported = sorted(p for p in d.glob("*-hf") if (p / "config.json").is_file())
         if len(exported) == 1:
             return exported[0]

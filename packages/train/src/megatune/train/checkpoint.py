@@ -36,9 +36,21 @@ from megatune.train.states import (
     RNGState,
     Stateful,
     Value,
+    is_distributed_optimizer,
+    layers_per_stage,
     load_model_state,
+    run_meta,
     single,
     unwrap,
+)
+from megatune.train.states import (
+    expert_coords as _expert_coords,
+)
+from megatune.train.states import (
+    naming_of as _naming,
+)
+from megatune.train.states import (
+    parallel_coords as _coords,
 )
 
 log = logging.getLogger(__name__)
@@ -55,16 +67,6 @@ def _torch_load(path: Path, rank: dict | None = None) -> dict:
         raise TrainError(str(e)) from None
 
 
-def _coords() -> tuple[int, int, int, int]:
-    return (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
-
-
-def _expert_coords() -> tuple[int, int]:
-    """(ep, ep_rank): expert parallelism adds the ep rank to the rank file's name and record (ckpt_layout)."""
-    return (parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_model_parallel_rank())
-
-
 def _writes_rank_file() -> bool:
     """One writer per (tp, pp, ep) coordinate: data-parallel rank 0, or with ep > 1 expert-data-parallel rank 0 (ep
     ranks are carved out of data parallelism and hold different experts)."""
@@ -76,18 +78,6 @@ def _writes_rank_file() -> bool:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _naming(model) -> str:
-    return "te" if getattr(unwrap(model), "megatune_spec", "native") == "te" else "local"
-
-
-def layers_per_stage(model) -> list[int]:
-    """Layer count of every PP stage for this model's config (gathered from the config, not communicated)."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-
-    cfg = unwrap(model).config
-    return [get_num_layers_to_build(cfg, pp_rank=r) for r in range(cfg.pipeline_model_parallel_size)]
 
 
 def _source_kind(source_dir: Path) -> str:
@@ -139,26 +129,6 @@ def load_pretrained(model_chunks, source_dir, *, iteration: int | str | None = N
 
 
 # ------------------------------------------------------------------------------------------------ save / load
-def run_meta(meta: dict, model_chunks) -> dict:
-    """megatune.json for this run: the source's meta (or {"hf_config": ...}) with tp/pp/layers/vocab/naming/dtype
-    taken from the live model, so `megatune export --to_hf` reads the shards exactly as they were written."""
-    from megatune.convert.layout import padded_vocab_size
-
-    model = unwrap(single(model_chunks))
-    tp, pp, _, _ = _coords()
-    hf = dict(meta["hf_config"])
-    divisible = meta.get("make_vocab_size_divisible_by", 128)
-    vocab = int(hf["vocab_size"])
-    tied = bool(model.share_embeddings_and_output_weights)
-    return {**meta, "format_version": meta.get("format_version", 1),
-            "model_type": meta.get("model_type") or hf.get("model_type"),
-            "architecture": meta.get("architecture") or (hf.get("architectures") or [None])[0],
-            "hf_config": hf, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "tp": tp,
-            "pp": pp, "ep": _expert_coords()[0], "layers_per_stage": layers_per_stage(model), "vocab_size": vocab,
-            "padded_vocab_size": padded_vocab_size(vocab, divisible, tp), "make_vocab_size_divisible_by": divisible,
-            "naming": _naming(model), "tied_embeddings": tied}
-
-
 DISTRIB_OPTIM_FILE = ckpt_layout.DISTRIB_OPTIM  # kept for importers (runtime)
 
 
@@ -176,12 +146,6 @@ def _adam_steps_hidden(optimizer):
     finally:
         for st, step in hidden:
             st["step"] = step
-
-
-def is_distributed_optimizer(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _load_optimizer(optimizer, state: dict, directory: Path, iteration, coords) -> tuple[str, ...]:

@@ -131,5 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def rank_main(argv: list[str]) -> int:
+    """One rank under torchrun: `main` bound to the agent's lifetime (launch.relaunch); a rank whose peer died exits
+    quietly with launch.PEER_LOST_EXIT so that the agent's one line names the rank that died."""
+    from megatune.train import launch
+
+    if os.environ.get(launch.AGENT_PID):  # absent under a plain `torchrun -m megatune.train.cli`
+        launch.die_with_parent(int(os.environ[launch.AGENT_PID]))
+    try:
+        return main(argv)
+    except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is one); not OSError such as a broken stdout
+        if os.environ.get(launch.AGENT_PID) and launch.peer_lost(e):
+            return launch.PEER_LOST_EXIT
+        raise
+
+
+if __name__ == "__main__":  # torchrun runs this module as each rank: LOCAL_RANK is set
+    sys.exit(rank_main(sys.argv[1:]) if "LOCAL_RANK" in os.environ else main())

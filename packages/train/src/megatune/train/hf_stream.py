@@ -70,7 +70,7 @@ def _pwrite(fd: int, data: torch.Tensor, offset: int) -> None:
 
 def write_hf(model_chunks, out_dir: str | Path, meta: dict, aux_dir=None, *, max_shard_size: int = MAX_SHARD_SIZE
              ) -> Path:
-    """Every rank calls (collective). `meta`: this run's megatune.json (checkpoint.run_meta); `aux_dir`: where the
+    """Every rank calls (collective). `meta`: this run's megatune.json (states.run_meta); `aux_dir`: where the
     tokenizer files are copied from."""
     from megatune.convert.arch import shape_of
     from megatune.convert.plan import is_tied_copy, part_row_ranges, stage_entries

@@ -8,7 +8,7 @@ Multi-node is plain torchrun + NCCL; nothing here is home-made rendezvous. The r
 exit code, so bad input under torchrun still ends as the ranks' one `megatune sft: error:` line.
 
 Stopping: the launcher's pid becomes the agent's (exec), so SIGTERM / SIGHUP / Ctrl-C reach torchrun, which stops
-every rank; we exit 128 + the signal (143, 129, 130). Each rank runs this module too and asks the kernel to kill it
+every rank; we exit 128 + the signal (143, 129, 130). Each rank runs `megatune.train.cli` (rank_main), which asks the kernel to kill it
 when the agent dies (kill -9 of the launcher or its process group leaves no rank behind). When a rank is killed,
 the agent names it and its signal in one line, and the ranks that lost it as a peer exit without a traceback.
 """
@@ -101,7 +101,7 @@ def free_port() -> int:
 def relaunch(argv: Sequence[str]) -> NoReturn:
     """Become the torchrun agent (exec): a signal sent to this pid (`kill $!`, a scheduler's SIGTERM) reaches the
     agent, which stops every rank and exits 128 + the signal; the ranks die with the agent even on kill -9."""
-    cmd = torchrun_command(argv, module=__name__, quiet=True)
+    cmd = torchrun_command(argv, quiet=True)  # ranks run megatune.train.cli (its rank_main)
     print("megatune sft: launching torchrun " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
@@ -126,20 +126,6 @@ def die_with_parent(parent: int) -> None:
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
              "NCCL communicator was aborted")
 PEER_LOST_EXIT = 75  # a rank that lost a peer, exiting quietly so that the agent reports the cause
-
-
-def _worker_main(args: Sequence[str]) -> int:
-    """One rank: `megatune sft` (cli.main) bound to the agent's lifetime; a rank whose peer died stays quiet."""
-    if os.environ.get(AGENT_PID):  # absent under a plain `torchrun -m megatune.train.launch`
-        die_with_parent(int(os.environ[AGENT_PID]))
-    from megatune.train import cli
-
-    try:
-        return cli.main(list(args))
-    except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is one); not OSError such as a broken stdout
-        if any(text in str(e) for text in PEER_LOST) and not os.environ.get("MEGATUNE_TORCHRUN_VERBOSE"):
-            return PEER_LOST_EXIT
-        raise
 
 
 def _failure_line(failures: Mapping[int, Any]) -> tuple[str | None, int]:
@@ -193,6 +179,11 @@ def _torchrun_main(args: Sequence[str]) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":
-    # torchrun runs this module as each rank too (see relaunch): a rank has LOCAL_RANK, the agent does not
-    sys.exit(_worker_main(sys.argv[1:]) if "LOCAL_RANK" in os.environ else _torchrun_main(sys.argv[1:]))
+def peer_lost(error: BaseException) -> bool:
+    """A rank's gloo/NCCL error that only says another rank died (the agent names that rank instead)."""
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in PEER_LOST) and \
+        not os.environ.get("MEGATUNE_TORCHRUN_VERBOSE")
+
+
+if __name__ == "__main__":  # the agent (see relaunch); its ranks run megatune.train.cli
+    sys.exit(_torchrun_main(sys.argv[1:]))

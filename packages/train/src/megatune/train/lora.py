@@ -282,7 +282,7 @@ def optimizer_numel(optimizer) -> int:
     from megatune.train.fused import torch_optimizers
 
     n = sum(p.numel() for opt in torch_optimizers(optimizer) for g in opt.param_groups for p in g["params"])
-    from megatune.train.checkpoint import is_distributed_optimizer
+    from megatune.train.states import is_distributed_optimizer
 
     if is_distributed_optimizer(optimizer) and parallel_state.get_data_parallel_world_size() > 1:
         t = torch.tensor([n], dtype=torch.int64, device=next(iter(

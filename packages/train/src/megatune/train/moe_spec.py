@@ -39,12 +39,13 @@ from megatune.train import moe_cpu
 from megatune.train.moe_experts import GroupedExperts
 from megatune.train.moe_router import HFRouter, MoEBook, StageSync
 from megatune.train.policy import active as active_policy
-from megatune.train.spec import RMSNorm, native_layer_spec
+from megatune.train.spec import native_layer_spec, norm_module
 
 
-def moe_layer_spec(qk_layernorm: bool, *, book: MoEBook, grouped_gemm: bool) -> ModuleSpec:
+def moe_layer_spec(qk_layernorm: bool, *, book: MoEBook, grouped_gemm: bool,
+                   normalization: str = "RMSNorm") -> ModuleSpec:
     """spec.native_layer_spec with megatron-core's MoELayer (our router, experts and shared expert) as its MLP."""
-    spec = copy.deepcopy(native_layer_spec(qk_layernorm))
+    spec = copy.deepcopy(native_layer_spec(qk_layernorm, normalization))
     mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     experts = ModuleSpec(module=GroupedExperts) if grouped_gemm else ModuleSpec(module=SequentialMLP, submodules=mlp)
     spec.submodules.mlp = ModuleSpec(
@@ -56,18 +57,18 @@ def moe_layer_spec(qk_layernorm: bool, *, book: MoEBook, grouped_gemm: bool) -> 
 
 def moe_block_spec(config, qk_layernorm: bool, *, book: MoEBook, grouped_gemm: bool,
                    vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """This PP stage's layers: sparse or dense by config.moe_layer_freq, final norm = spec.RMSNorm."""
+    """This PP stage's layers: sparse or dense by config.moe_layer_freq, final norm of the family's kind."""
     pattern = config.moe_layer_freq
     if not isinstance(pattern, list) or len(pattern) != config.num_layers:
         raise ValueError(f"moe_layer_freq must be a list of {config.num_layers} 0/1 entries, got {pattern!r}")
     if active_policy().device_type == "cpu":
         moe_cpu.enable()
-    dense = native_layer_spec(qk_layernorm)
-    sparse = moe_layer_spec(qk_layernorm, book=book, grouped_gemm=grouped_gemm)
+    dense = native_layer_spec(qk_layernorm, config.normalization)
+    sparse = moe_layer_spec(qk_layernorm, book=book, grouped_gemm=grouped_gemm, normalization=config.normalization)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[sparse if pattern[offset + i] else dense for i in range(n)],
-                                      layer_norm=RMSNorm)
+                                      layer_norm=norm_module(config.normalization))
 
 
 def moe_block(config, shape, settings, qk_layernorm: bool) -> tuple[TransformerBlockSubmodules, MoEBook]:

@@ -221,7 +221,7 @@ def setup_optimizer(plan: TrainingPlan, chunks: list, ddp_chunks: list):
 
 def restore(plan: TrainingPlan, states: dict, note: Callable[[str], None]) -> int:
     """A continued run (source kind "run") gets every state back; returns the iteration to start after."""
-    from megatune.train.torch_dist import open_format
+    from megatune.train.formats import open_format
 
     if plan.source.kind != "run":
         return 0
@@ -238,10 +238,10 @@ def restore(plan: TrainingPlan, states: dict, note: Callable[[str], None]) -> in
 def build_run(sft, *, progress: bool = True):
     """Everything `trainer.train` needs, for this rank. Returns (Run, info dict for the CLI summary)."""
     from megatune.train import lora, steps
+    from megatune.train.formats import open_format
     from megatune.train.lora_checkpoint import LoraModelState, plan_lora
     from megatune.train.rundir import RunLogger
     from megatune.train.states import ModelState, RNGState
-    from megatune.train.torch_dist import open_format
     from megatune.train.trainer import Run
 
     source, parallel, policy, dist = setup_parallel(sft)

@@ -159,26 +159,39 @@ class SDPAttention(MegatronModule):
         return contextlib.nullcontext()
 
 
-def native_layer_spec(qk_layernorm: bool) -> ModuleSpec:
-    """megatron-core's local GPT layer spec with megatune's RMSNorm and SDPA core attention swapped in."""
-    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm"))
+NORMS = {"RMSNorm": RMSNorm}  # the family row's `normalization` -> the native spec's module
+
+
+def norm_module(normalization: str) -> type[torch.nn.Module]:
+    """The native spec's module for a family row's `normalization` (TransformerConfig.normalization)."""
+    try:
+        return NORMS[normalization]
+    except KeyError:
+        raise ValueError(f"normalization {normalization!r} has no module in the native layer spec "
+                         f"(it has: {', '.join(NORMS)}); add one to spec.NORMS") from None
+
+
+def native_layer_spec(qk_layernorm: bool, normalization: str = "RMSNorm") -> ModuleSpec:
+    """megatron-core's local GPT layer spec with megatune's norm (the family row's) and SDPA core attention."""
+    norm = norm_module(normalization)
+    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization))
     layer = spec.submodules
-    layer.input_layernorm = RMSNorm
-    layer.pre_mlp_layernorm = RMSNorm
+    layer.input_layernorm = norm
+    layer.pre_mlp_layernorm = norm
     attn = layer.self_attention.submodules
     attn.core_attention = SDPAttention
     if qk_layernorm:
-        attn.q_layernorm = RMSNorm
-        attn.k_layernorm = RMSNorm
+        attn.q_layernorm = norm
+        attn.k_layernorm = norm
     return spec
 
 
 def native_block_spec(config: TransformerConfig, qk_layernorm: bool, vp_stage: int | None = None
                       ) -> TransformerBlockSubmodules:
-    """The decoder block for this PP stage: our layer spec x local layer count, final norm = our RMSNorm."""
-    layer = native_layer_spec(qk_layernorm)
+    """The decoder block for this PP stage: our layer spec x local layer count, final norm of the same kind."""
+    layer = native_layer_spec(qk_layernorm, config.normalization)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm_module(config.normalization))
 
 
 def te_block_spec(qk_layernorm: bool):

@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
 from megatune.train.errors import TrainError
 
 log = logging.getLogger(__name__)
@@ -172,3 +173,53 @@ class Value:
 
     def load_state_dict(self, state: Any) -> None:
         self.value = state
+
+
+# ------------------------------------------------------------------ facts every format records about the live run
+def parallel_coords() -> tuple[int, int, int, int]:
+    return (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
+
+
+def expert_coords() -> tuple[int, int]:
+    """(ep, ep_rank): expert parallelism adds the ep rank to the rank file's name and record (ckpt_layout)."""
+    return (parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_model_parallel_rank())
+
+
+def naming_of(model) -> str:
+    return "te" if getattr(unwrap(model), "megatune_spec", "native") == "te" else "local"
+
+
+def layers_per_stage(model) -> list[int]:
+    """Layer count of every PP stage for this model's config (gathered from the config, not communicated)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    cfg = unwrap(model).config
+    return [get_num_layers_to_build(cfg, pp_rank=r) for r in range(cfg.pipeline_model_parallel_size)]
+
+
+def run_meta(meta: dict, model_chunks) -> dict:
+    """megatune.json for this run: the source's meta (or {"hf_config": ...}) with tp/pp/layers/vocab/naming/dtype
+    taken from the live model, so `megatune export --to_hf` reads the shards exactly as they were written."""
+    from megatune.convert.layout import padded_vocab_size
+
+    model = unwrap(single(model_chunks))
+    tp, pp, _, _ = parallel_coords()
+    hf = dict(meta["hf_config"])
+    divisible = meta.get("make_vocab_size_divisible_by", 128)
+    vocab = int(hf["vocab_size"])
+    tied = bool(model.share_embeddings_and_output_weights)
+    return {**meta, "format_version": meta.get("format_version", 1),
+            "model_type": meta.get("model_type") or hf.get("model_type"),
+            "architecture": meta.get("architecture") or (hf.get("architectures") or [None])[0],
+            "hf_config": hf, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "tp": tp,
+            "pp": pp, "ep": expert_coords()[0], "layers_per_stage": layers_per_stage(model),
+            "vocab_size": vocab,
+            "padded_vocab_size": padded_vocab_size(vocab, divisible, tp), "make_vocab_size_divisible_by": divisible,
+            "naming": naming_of(model), "tied_embeddings": tied}
+
+
+def is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))

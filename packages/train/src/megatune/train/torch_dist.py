@@ -42,7 +42,7 @@ from megatron.core import parallel_state as ps
 from megatune.convert import ckpt_layout
 from megatune.convert.megatron_flags import checkpoint_format, write_megatron_args
 from megatune.train.errors import TrainError
-from megatune.train.states import CheckpointFormat, Loaded, Stateful, unwrap
+from megatune.train.states import CheckpointFormat, Loaded, Stateful, is_distributed_optimizer, run_meta, unwrap
 from torch.distributed.checkpoint.api import CheckpointException
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,6 @@ def _layout() -> dict[str, int]:
 
 def _content_metadata(optimizer) -> dict:
     """Megatron-LM's `_build_sharded_state_dict_metadata` for this run (what is stored in metadata.json)."""
-    from megatune.train.checkpoint import is_distributed_optimizer
-
     md = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     if optimizer is not None and is_distributed_optimizer(optimizer):
         md["distrib_optim_sharding_type"] = "fully_reshardable"
@@ -202,7 +200,6 @@ class TorchDistFormat(CheckpointFormat):
         started (an earlier async save is finished first); `finalize()` publishes it."""
         from megatron.core import dist_checkpointing
         from megatune.convert import api
-        from megatune.train.checkpoint import run_meta
 
         self.finalize(blocking=True)  # one save in flight at a time
         full_meta = run_meta(self.meta or {}, states["model"].chunks)
@@ -359,22 +356,3 @@ def _sharded_keys(path: Path) -> set[str]:
 
     md = _get_filesystem_reader(path).read_metadata()
     return {k.split("/")[0].split(".")[0] for k in md.state_dict_metadata}
-
-
-def open_format(directory, ckpt_format: str | None = None, *, save_safetensors: bool = False, async_save: bool = False,
-                **kwargs) -> CheckpointFormat:
-    """The checkpoint format for `directory`: `ckpt_format` ("torch" | "torch_dist") to save, None: the one on disk
-    (to load). `save_safetensors`: each save also writes an HF dir (hf_stream); `kwargs`: meta, aux_dir."""
-    from megatune.train.checkpoint import LegacyFormat
-
-    if ckpt_format is None:
-        ckpt_format = checkpoint_format(directory) if ckpt_layout.is_megatron_dir(directory) else "torch"
-    if async_save and ckpt_format != FORMAT:
-        raise TrainError("--async_save true needs --ckpt_format torch_dist")
-    fmt = TorchDistFormat(directory, async_save=async_save, **kwargs) if ckpt_format == FORMAT else \
-        LegacyFormat(directory, **kwargs)
-    if save_safetensors:
-        from megatune.train import hf_stream
-
-        fmt.after_write = hf_stream.after_write(kwargs.get("aux_dir"))
-    return fmt
