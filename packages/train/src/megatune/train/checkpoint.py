@@ -19,6 +19,7 @@ ckpt_layout's allow-listed `torch.load(weights_only=True)`, megatron-core's dist
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,11 +74,6 @@ def _writes_rank_file() -> bool:
     if _expert_coords()[0] > 1:
         return parallel_state.get_expert_data_parallel_rank() == 0
     return parallel_state.get_data_parallel_rank() == 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _source_kind(source_dir: Path) -> str:
@@ -172,6 +168,34 @@ def _load_optimizer(optimizer, state: dict, directory: Path, iteration, coords) 
     return ()
 
 
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what its file takes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(v) for v in obj.values())
+    return sum(_nbytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+
+@contextlib.contextmanager
+def _atomic_torch_save(path: Path):
+    """megatron-core's save_parameter_state torch.saves straight to `path`: on a full disk that is torch's "unexpected
+    pos" and a torn file. Route that one write through ckpt_layout.torch_save_atomic (temp + fsync + rename; a failed
+    write is one line naming the file)."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, Path)) and Path(f) == path:
+            return ckpt_layout.torch_save_atomic(obj, path)
+        return real(obj, f, *args, **kwargs)
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = real
+
+
 class LegacyFormat(CheckpointFormat):
     """Megatron-LM's legacy checkpoint (ckpt_layout; DESIGN.md "Checkpoint formats") over a `states` mapping.
 
@@ -206,52 +230,64 @@ class LegacyFormat(CheckpointFormat):
 
     def save(self, states: Mapping[str, Stateful], iteration: int) -> Path:
         """Every rank calls; DP rank 0 of each (tp, pp) writes its rank file into the staging dir, rank 0 swaps it in,
-        then writes megatune.json, the aux files and the tracker (last)."""
+        then writes megatune.json, the aux files and the tracker (last). Each step is agreed over all ranks
+        (torch_dist.all_ranks): a failed write (a full disk) stops every rank with one line, the staging dir removed."""
         from megatune.convert import api
+        from megatune.train.torch_dist import all_ranks
 
-        tp, pp, tp_rank, pp_rank = _coords()
-        model = states["model"]
-        full_meta = run_meta(self.meta or {}, model.chunks)
+        full_meta = run_meta(self.meta or {}, states["model"].chunks)
         tmp = ckpt_layout.iteration_temp(self.directory, iteration)
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if rank0:
-            ckpt_layout.begin_iteration_temp(self.directory, iteration)  # also clears stale leftovers
-        _barrier()
+        with all_ranks(self.directory, iteration):
+            if rank0:
+                ckpt_layout.begin_iteration_temp(self.directory, iteration)  # also clears stale leftovers
         rank_path = self._rank_file(iteration)
         staged = tmp / rank_path.parent.name / rank_path.name
-        if _writes_rank_file():
-            extra = {self.EXTRA_KEYS.get(k, k): v.state_dict() for k, v in states.items() if k not in self.FILE_KEYS}
-            state = {"model": model.state_dict(), "checkpoint_version": CHECKPOINT_VERSION,
-                     "iteration": int(iteration), "args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
-                     "extra": extra,
-                     ckpt_layout.RANK_KEY: ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank, *_expert_coords())}
-            for key in ("optimizer", "scheduler"):
-                if key in states:
-                    state[self.FILE_KEYS[key]] = states[key].state_dict()
-            if "rng" in states:
-                state["rng_state"] = [states["rng"].state_dict()]
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            ckpt_layout.torch_save_atomic(state, staged)
-        _barrier()
+        with all_ranks(self.directory, iteration):
+            if _writes_rank_file():
+                self._write_rank_file(states, iteration, full_meta, staged)
         if "optimizer" in states and is_distributed_optimizer(states["optimizer"]):
             # fp32 master weights and Adam moments are sharded over DP outside state_dict(); like Megatron-LM, gather
             # them to DP rank 0 (a collective: every DP rank calls) into distrib_optim.pt
             shard = staged.with_name(ckpt_layout.DISTRIB_OPTIM)
-            states["optimizer"].save_parameter_state(str(shard))
-            if shard.is_file():  # written by DP rank 0 only
-                ckpt_layout.fsync_file(shard)
-            _barrier()
+            with all_ranks(self.directory, iteration), _atomic_torch_save(shard):
+                states["optimizer"].save_parameter_state(str(shard))  # written by DP rank 0 only
         if self.after_write is not None:
-            self.after_write(tmp, states, full_meta)
-        if rank0:
-            ckpt_layout.publish_iteration(self.directory, iteration)  # atomic exchange when re-saving an iteration
-            api.write_meta(self.directory, full_meta)  # every file: temp sibling + fsync + rename
-            if self.aux_dir is not None:
-                ckpt_layout.copy_aux_files(self.aux_dir, self.directory)
-            write_megatron_args(self.directory, full_meta, "torch")  # the Megatron-LM flags that load it
-            api.write_latest(self.directory, int(iteration))  # last
-        _barrier()
+            with all_ranks(self.directory, iteration):
+                self.after_write(tmp, states, full_meta)
+        with all_ranks(self.directory, iteration):
+            if rank0:
+                ckpt_layout.publish_iteration(self.directory, iteration)  # atomic exchange when re-saving
+                api.write_meta(self.directory, full_meta)  # every file: temp sibling + fsync + rename
+                if self.aux_dir is not None:
+                    ckpt_layout.copy_aux_files(self.aux_dir, self.directory)
+                write_megatron_args(self.directory, full_meta, "torch")  # the Megatron-LM flags that load it
+                api.write_latest(self.directory, int(iteration))  # last
         return self.directory / ckpt_layout.iteration_dir(iteration)
+
+    def _write_rank_file(self, states: Mapping[str, Stateful], iteration: int, full_meta: dict, staged: Path) -> None:
+        from megatune.convert import api, fileio
+        from megatune.convert.errors import ConvertError
+
+        tp, pp, tp_rank, pp_rank = _coords()
+        extra = {self.EXTRA_KEYS.get(k, k): v.state_dict() for k, v in states.items() if k not in self.FILE_KEYS}
+        state = {"model": states["model"].state_dict(), "checkpoint_version": CHECKPOINT_VERSION,
+                 "iteration": int(iteration), "args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
+                 "extra": extra,
+                 ckpt_layout.RANK_KEY: ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank, *_expert_coords())}
+        for key in ("optimizer", "scheduler"):
+            if key in states:
+                state[self.FILE_KEYS[key]] = states[key].state_dict()
+        if "rng" in states:
+            state["rng_state"] = [states["rng"].state_dict()]
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt_layout.torch_save_atomic(state, staged)
+        except ConvertError as e:  # a full disk: say how much this file needs (fileio's line, with its size)
+            cause = e.__context__  # the OSError that fileio turned into the line
+            if not isinstance(cause, OSError) or cause.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise fileio.write_error(staged, cause, _nbytes(state)) from None
 
     def load(self, states: Mapping[str, Stateful], iteration: int | None = None) -> Loaded:
         from megatune.convert import api

@@ -34,12 +34,15 @@ import importlib
 import logging
 import os
 import pickle
+import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
-from megatune.convert import ckpt_layout
+from megatune.convert import ckpt_layout, fileio
+from megatune.convert.errors import ConvertError
 from megatune.convert.megatron_flags import checkpoint_format, write_megatron_args
 from megatune.train.errors import TrainError
 from megatune.train.states import CheckpointFormat, Loaded, Stateful, is_distributed_optimizer, run_meta, unwrap
@@ -122,6 +125,40 @@ def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+def _one_line(e: BaseException, tmp: Path, final: Path) -> BaseException:
+    """A failed save step as the user's one line, named by the final path (the staging dir goes); a bug stays."""
+    if isinstance(e, CheckpointException):  # torch DCP: {rank: (error, traceback)}, on the coordinator only
+        inner = next(iter(e.failures.values()), None)
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        code = re.search(r"\[Errno (\d+)\]", str(inner))  # a writer process's OSError, passed on as text
+        e = OSError(int(code[1]), os.strerror(int(code[1]))) if code else TrainError(
+            f"{tmp}: cannot write ({inner or 'on another rank'})")
+    if isinstance(e, OSError):
+        e = fileio.write_error(e.filename or tmp, e)
+    return type(e)(str(e).replace(str(tmp), str(final))) if isinstance(e, (TrainError, ConvertError)) else e
+
+
+@contextlib.contextmanager
+def all_ranks(directory: Path, iteration):
+    """One step of saving `iteration`, agreed over all ranks (a collective that stands for the barrier): when it
+    failed on any rank, rank 0 removes the staging dir and every rank raises (none waits forever): a failing rank
+    its own one-line error, the others a TrainError carrying the first failing rank's line (rank 0 prints it)."""
+    tmp, error = ckpt_layout.iteration_temp(directory, iteration), None
+    try:
+        yield
+    except (Exception, CheckpointException) as e:  # (a BaseException); raised again below, on every rank
+        error = _one_line(e, tmp, directory / ckpt_layout.iteration_dir(iteration))
+    lines = [None if error is None else (str(error).strip().split("\n")[0] or type(error).__name__)]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        mine, lines = lines[0], [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(lines, mine)
+    failed = [(rank, text) for rank, text in enumerate(lines) if text is not None]
+    if failed and _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is not None or failed:  # the others: the first failing rank's line, which rank 0 prints
+        raise error if error is not None else TrainError(f"rank {failed[0][0]} could not save: {failed[0][1]}")
+
+
 def _layout() -> dict[str, int]:
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "dp": ps.get_data_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size()}
@@ -144,15 +181,17 @@ def _fsync_tree(root: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet_not_empty():
-    """dist_checkpointing.save warns 'Overwriting old incomplete' for any non-empty directory: our staging dir holds
-    its owner record (ckpt_layout.begin_iteration_temp), which is expected."""
-    logger = logging.getLogger("megatron.core.dist_checkpointing.serialization")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """dist_checkpointing.save warns 'Overwriting old incomplete' for our staging dir (it holds its owner record, as
+    expected), and its writer logs a failed write (a full disk) that all_ranks reports in one line."""
+    names = ("serialization", "strategies.filesystem_async")
+    loggers = {lg: lg.level for lg in (logging.getLogger(f"megatron.core.dist_checkpointing.{n}") for n in names)}
+    for lg, level in zip(loggers, (logging.ERROR, logging.CRITICAL)):
+        lg.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in loggers.items():
+            lg.setLevel(level)
 
 
 class TorchDistFormat(CheckpointFormat):
@@ -204,9 +243,9 @@ class TorchDistFormat(CheckpointFormat):
         self.finalize(blocking=True)  # one save in flight at a time
         full_meta = run_meta(self.meta or {}, states["model"].chunks)
         tmp = ckpt_layout.iteration_temp(self.directory, iteration)
-        if _rank0():
-            ckpt_layout.begin_iteration_temp(self.directory, iteration)  # also clears stale leftovers
-        _barrier()
+        with all_ranks(self.directory, iteration):  # a failed step stops every rank with one line; the staging dir goes
+            if _rank0():
+                ckpt_layout.begin_iteration_temp(self.directory, iteration)  # also clears stale leftovers
         sd = self._sharded(states, loading=False, with_rng=True)
         sd.update({"args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
                    "checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
@@ -214,11 +253,12 @@ class TorchDistFormat(CheckpointFormat):
                    "extra": {_EXTRA.get(k, k): v.state_dict() for k, v in states.items() if k not in _OWN}})
         if "scheduler" in states:
             sd["opt_param_scheduler"] = states["scheduler"].state_dict()
-        with _quiet_not_empty():
+        with _quiet_not_empty(), all_ranks(self.directory, iteration):
             request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=self.async_save,
                                               content_metadata=_content_metadata(states.get("optimizer")))
         if self.after_write is not None:  # while an async write goes on, too
-            self.after_write(tmp, states, full_meta)
+            with all_ranks(self.directory, iteration):
+                self.after_write(tmp, states, full_meta)
         if request is None:
             self._publish(iteration, full_meta)
         else:
@@ -233,15 +273,15 @@ class TorchDistFormat(CheckpointFormat):
         from megatune.convert import api
 
         _barrier()
-        if _rank0():
-            _fsync_tree(ckpt_layout.iteration_temp(self.directory, iteration))
-            ckpt_layout.publish_iteration(self.directory, iteration)  # atomic exchange when re-saving an iteration
-            api.write_meta(self.directory, full_meta)
-            if self.aux_dir is not None:
-                ckpt_layout.copy_aux_files(self.aux_dir, self.directory)
-            write_megatron_args(self.directory, full_meta, FORMAT)
-            api.write_latest(self.directory, int(iteration))  # last
-        _barrier()
+        with all_ranks(self.directory, iteration):
+            if _rank0():
+                _fsync_tree(ckpt_layout.iteration_temp(self.directory, iteration))
+                ckpt_layout.publish_iteration(self.directory, iteration)  # atomic exchange when re-saving
+                api.write_meta(self.directory, full_meta)
+                if self.aux_dir is not None:
+                    ckpt_layout.copy_aux_files(self.aux_dir, self.directory)
+                write_megatron_args(self.directory, full_meta, FORMAT)
+                api.write_latest(self.directory, int(iteration))  # last
 
     def finalize(self, blocking: bool = False) -> list[int]:
         """Publish async saves whose writes have finished on every rank (all ranks call; a collective).
