@@ -212,17 +212,6 @@ class LegacyFormat(CheckpointFormat):
     def __init__(self, directory, *, meta: dict | None = None, aux_dir=None) -> None:
         self.directory, self.meta, self.aux_dir = Path(directory), meta, aux_dir
 
-    def latest(self) -> int | None:
-        from megatune.convert.errors import ConvertError
-
-        if not ckpt_layout.is_megatron_dir(self.directory):
-            return None
-        try:
-            it = ckpt_layout.read_latest(self.directory)
-        except ConvertError as e:
-            raise TrainError(str(e)) from None
-        return None if it == ckpt_layout.RELEASE else int(it)
-
     def _rank_file(self, iteration) -> Path:
         tp, pp, tp_rank, pp_rank = _coords()
         ep, ep_rank = _expert_coords()

@@ -61,9 +61,18 @@ class CheckpointFormat(abc.ABC):
     def load(self, states: Mapping[str, Stateful], iteration: int | None = None) -> Loaded:
         """Fill `states` from iteration `iteration` (None: the latest); refuse what cannot be restored exactly."""
 
-    @abc.abstractmethod
     def latest(self) -> int | None:
-        """The newest complete iteration, None when there is none."""
+        """The newest complete iteration (the tracker file, written last by every format), None when there is none."""
+        from megatune.convert import ckpt_layout
+        from megatune.convert.errors import ConvertError
+
+        if not ckpt_layout.is_megatron_dir(self.directory):
+            return None
+        try:
+            it = ckpt_layout.read_latest(self.directory)
+        except ConvertError as e:
+            raise TrainError(str(e)) from None
+        return None if it == ckpt_layout.RELEASE else int(it)
 
     def finalize(self, blocking: bool = False) -> None:
         """Formats that write in the background publish the saves that have finished (every rank calls);

@@ -205,17 +205,6 @@ class TorchDistFormat(CheckpointFormat):
         # (staging dir, states, meta) -> None, every rank, before publishing: e.g. hf_stream's HF dir
         self.after_write = None
 
-    def latest(self) -> int | None:
-        from megatune.convert.errors import ConvertError
-
-        if not ckpt_layout.is_megatron_dir(self.directory):
-            return None
-        try:
-            it = ckpt_layout.read_latest(self.directory)
-        except ConvertError as e:
-            raise TrainError(str(e)) from None
-        return None if it == ckpt_layout.RELEASE else int(it)
-
     # ------------------------------------------------------------------------------------------- state dicts
     def _sharded(self, states: Mapping[str, Stateful], *, loading: bool, with_rng: bool) -> dict:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
