@@ -15,12 +15,12 @@ exactly the adapters (and that without freezing the check fails).
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from group_helpers import as_rank as _as_rank  # noqa: F401 - imported by the GPU tests too
+from group_helpers import rewind
 from megatune.train.distributed import free_port, run_local
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
@@ -45,12 +45,7 @@ def sft_argv(model_dir, out_dir, **overrides) -> list[str]:
     return argv
 
 
-def _as_rank(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
-
-
 def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]) -> dict:
-    from megatune.convert import ckpt_layout
     from megatune.train import cli
 
     results: dict = {}
@@ -59,13 +54,7 @@ def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]
             _as_rank(rank, tp * pp * dp, port)
             res = cli.run(sft_argv(model_dir, out_dir, tp=tp, pp=pp, **EXTRA.get((tp, pp, dp), {})), progress=False)
             results[(tp, pp, dp)] = {k: res[k] for k in ("losses", "run_dir", "tp", "pp", "dp")}
-    ready = Path(out_dir) / "rewound"
-    if rank == 0:
-        for layout in RESUMED:
-            ckpt_layout.write_latest(results[layout]["run_dir"], 10)
-        ready.write_text("")
-    while not ready.exists():
-        time.sleep(0.2)
+    rewind(rank, out_dir, [results[layout]["run_dir"] for layout in RESUMED] if rank == 0 else [], 10)
     for (tp, pp, dp), port in zip(RESUMED, ports[len(LAYOUTS):]):
         if rank < tp * pp * dp:
             _as_rank(rank, tp * pp * dp, port)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
-from pathlib import Path
 
 import moe_helpers as H
 import pytest
+from group_helpers import rewind
 from megatune.train.distributed import free_port
 from test_torch_dist import spawn  # non-daemon ranks: megatron-core's torch_dist writer forks processes
 from test_train_parallel import _as_rank, sft_argv
@@ -26,17 +25,11 @@ FLAGS = {"ckpt_format": "torch_dist", "max_steps": 10, "save_steps": 5, "moe_z_l
 
 
 def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]) -> dict:
-    from megatune.convert import api
     from megatune.train import cli
 
     _as_rank(rank, 2, ports[0])
     first = cli.run(sft_argv(model_dir, out_dir, expert_model_parallel_size=2, **FLAGS), progress=False)
-    ready = Path(out_dir) / "rewound"
-    if rank == 0:  # a crash after the save of iteration 5: the tracker points there
-        api.write_latest(first["run_dir"], 5)
-        ready.write_text("")
-    while not ready.exists():  # (cli.run tore the process group down)
-        time.sleep(0.2)
+    rewind(rank, out_dir, [first["run_dir"]], 5)  # a crash after the save of iteration 5: the tracker points there
     out = {"first": first["losses"]}
     for name, port, extra in (("same", ports[1], {}), ("sequential", ports[2], {"moe_grouped_gemm": "false"})):
         _as_rank(rank, 2, port)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import time
 from pathlib import Path
 
 import moe_helpers as H
 import pytest
+from group_helpers import rewind
 from megatune.train.distributed import free_port, run_local
 from test_train_parallel import _as_rank, sft_argv
 
@@ -64,7 +64,7 @@ def _bad_inputs(model_dir: str, dense_dir: str, out_dir: str, ep2_run: str) -> d
 
 
 def _group(rank: int, world: int, model_dir: str, dense_dir: str, out_dir: str, ports: list[int]) -> dict:
-    from megatune.convert import api, convert
+    from megatune.convert import convert
     from megatune.train import cli
 
     results: dict = {}
@@ -77,13 +77,8 @@ def _group(rank: int, world: int, model_dir: str, dense_dir: str, out_dir: str, 
             if rank == 0:
                 results[(tp, pp, ep)]["aux"] = _aux_curve(res["run_dir"])
 
-    ready = Path(out_dir) / "rewound"
-    if rank == 0:  # the run dirs now look as if the save of iteration 20 never happened
-        for layout in RESUMED:
-            api.write_latest(results[layout]["run_dir"], 10)
-        ready.write_text("")
-    while not ready.exists():
-        time.sleep(0.2)
+    # the run dirs now look as if the save of iteration 20 never happened
+    rewind(rank, out_dir, [results[layout]["run_dir"] for layout in RESUMED] if rank == 0 else [], 10)
     for (tp, pp, ep), port in zip(RESUMED, ports[len(LAYOUTS):]):
         if rank < tp * pp * ep:
             _as_rank(rank, tp * pp * ep, port)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from group_helpers import as_rank as _as_rank
+from group_helpers import rewind
 from megatune.train.distributed import free_port
 from safetensors.torch import load_file
 from test_train_parallel import sft_argv
@@ -55,10 +56,6 @@ def spawn(world: int, fn, *args) -> list:
     return [value for _, value in out]
 
 
-def _as_rank(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
-
-
 def _same_weights(model_dir: str, exported: str) -> list[str]:
     """An exported torch_dist dir loads at tp2 x pp2 into the weights the HF dir loads into (names that differ)."""
     from megatune.train import distributed
@@ -76,7 +73,6 @@ def _same_weights(model_dir: str, exported: str) -> list[str]:
 
 
 def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int], exported: str) -> dict:
-    from megatune.convert import api
     from megatune.train import cli
 
     differ = _same_weights(model_dir, exported)
@@ -85,12 +81,7 @@ def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]
     res = cli.run(sft_argv(model_dir, out_dir, tp=2, pp=1, **flags), progress=False)
     results = {"base": {k: res[k] for k in ("losses", "run_dir", "last_saved")}, "differ": differ}
     run_dir = res["run_dir"]
-    ready = Path(out_dir) / "rewound"
-    if rank == 0:  # a crash after the save of SAVE_AT: the tracker points there
-        api.write_latest(run_dir, SAVE_AT)
-        ready.write_text("")
-    while not ready.exists():  # (cli.run tore the process group down)
-        time.sleep(0.2)
+    rewind(rank, out_dir, [run_dir], SAVE_AT)  # a crash after the save of SAVE_AT: the tracker points there
     for (tp, pp, dp), port in zip(RESUMED, ports):
         _as_rank(rank, tp * pp * dp, port)
         res = cli.run(sft_argv(model_dir, out_dir, tp=tp, pp=pp, resume_from_checkpoint=run_dir, **flags),

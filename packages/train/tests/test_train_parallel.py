@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import time
 from pathlib import Path
 
 import pytest
+from group_helpers import as_rank as _as_rank  # noqa: F401 - imported by the GPU tests too
+from group_helpers import rewind
 from megatune.train.distributed import free_port, run_local
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)]
@@ -43,10 +43,6 @@ def sft_argv(model_dir, out_dir, **overrides) -> list[str]:
         argv.append(f"--{key}")
         argv.extend(str(v) for v in value) if isinstance(value, list) else argv.append(str(value))
     return argv
-
-
-def _as_rank(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
 
 
 def _bad_inputs(model_dir: str, out_dir: str, tp2_run: str) -> dict[str, tuple[int, str]]:
@@ -75,7 +71,6 @@ def _bad_inputs(model_dir: str, out_dir: str, tp2_run: str) -> dict[str, tuple[i
 
 
 def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]) -> dict:
-    from megatune.convert import api
     from megatune.train import cli
 
     results: dict = {}
@@ -85,13 +80,8 @@ def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]
             res = cli.run(sft_argv(model_dir, out_dir, tp=tp, pp=pp, **EXTRA.get((tp, pp, dp), {})), progress=False)
             results[(tp, pp, dp)] = {k: res[k] for k in ("losses", "run_dir", "tp", "pp", "dp", "last_saved")}
 
-    ready = Path(out_dir) / "rewound"
-    if rank == 0:  # rewind: the run dirs now look as if the save of iteration 20 never happened
-        for layout in RESUMED:
-            api.write_latest(results[layout]["run_dir"], 10)
-        ready.write_text("")
-    while not ready.exists():
-        time.sleep(0.2)
+    # the run dirs now look as if the save of iteration 20 never happened
+    rewind(rank, out_dir, [results[layout]["run_dir"] for layout in RESUMED] if rank == 0 else [], 10)
     for (tp, pp, dp), port in zip(RESUMED, ports[len(LAYOUTS):]):
         if rank < tp * pp * dp:
             _as_rank(rank, tp * pp * dp, port)
