@@ -279,14 +279,8 @@ class LegacyFormat(CheckpointFormat):
             raise fileio.write_error(staged, cause, _nbytes(state)) from None
 
     def load(self, states: Mapping[str, Stateful], iteration: int | None = None) -> Loaded:
-        from megatune.convert import api
-        from megatune.convert.errors import ConvertError
 
-        try:
-            meta = api.read_meta(self.directory)
-            iteration = api.read_latest(self.directory) if iteration is None else iteration
-        except ConvertError as e:
-            raise TrainError(str(e)) from None
+        meta, iteration = self.meta_and_iteration(iteration)
         coords = _coords()
         ep = _expert_coords()[0]
         if (meta["tp"], meta["pp"], meta.get("ep", 1)) != (*coords[:2], ep):

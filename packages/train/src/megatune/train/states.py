@@ -74,6 +74,17 @@ class CheckpointFormat(abc.ABC):
             raise TrainError(str(e)) from None
         return None if it == ckpt_layout.RELEASE else int(it)
 
+    def meta_and_iteration(self, iteration: int | str | None = None) -> tuple[dict, int | str]:
+        """(megatune.json, the iteration to load: `iteration`, or the tracker's when None), failures as one line."""
+        from megatune.convert import ckpt_layout
+        from megatune.convert.errors import ConvertError
+
+        try:
+            meta = ckpt_layout.read_meta(self.directory)
+            return meta, ckpt_layout.read_latest(self.directory) if iteration is None else iteration
+        except ConvertError as e:
+            raise TrainError(str(e)) from None
+
     def finalize(self, blocking: bool = False) -> None:
         """Formats that write in the background publish the saves that have finished (every rank calls);
         `blocking`: wait for the one in flight. Synchronous formats have nothing to do."""

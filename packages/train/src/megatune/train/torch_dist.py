@@ -281,14 +281,8 @@ class TorchDistFormat(CheckpointFormat):
     def load(self, states: Mapping[str, Stateful], iteration: int | None = None) -> Loaded:
         """Fill `states` from the checkpoint at any (tp, pp, dp); RNG streams only at the saving layout."""
         from megatron.core import dist_checkpointing
-        from megatune.convert import api
-        from megatune.convert.errors import ConvertError
 
-        try:
-            meta = api.read_meta(self.directory)
-            iteration = api.read_latest(self.directory) if iteration is None else iteration
-        except ConvertError as e:
-            raise TrainError(str(e)) from None
+        meta, iteration = self.meta_and_iteration(iteration)
         path = self.directory / ckpt_layout.iteration_dir(iteration)
         if checkpoint_format(self.directory, iteration) != FORMAT:
             raise TrainError(f"{path}: not a torch_dist checkpoint (no metadata.json); load it with the legacy "
