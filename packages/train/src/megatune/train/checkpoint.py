@@ -31,14 +31,17 @@ from megatune.convert.megatron_flags import write_megatron_args
 from megatune.convert.torch_dist import is_torch_dist
 from megatune.train.errors import TrainError
 from megatune.train.states import (
+    FILE_KEYS,
     CheckpointFormat,
     Loaded,
     ModelState,
     RNGState,
     Stateful,
     Value,
+    extra_state_dicts,
     is_distributed_optimizer,
     layers_per_stage,
+    load_extra_states,
     load_model_state,
     run_meta,
     single,
@@ -199,14 +202,12 @@ def _atomic_torch_save(path: Path):
 class LegacyFormat(CheckpointFormat):
     """Megatron-LM's legacy checkpoint (ckpt_layout; DESIGN.md "Checkpoint formats") over a `states` mapping.
 
-    Where each state goes in a rank file: FILE_KEYS (Megatron-LM's names); any other state (the data position, a
-    caller's values) goes into the file's `extra` dict, under EXTRA_KEYS' name when it has one. The distributed
+    Where each state goes in a rank file: states.FILE_KEYS (Megatron-LM's names); any other state (the data
+    position, a caller's values) goes into the file's `extra` dict (states.EXTRA_KEYS). The distributed
     optimizer's sharded state also goes to `distrib_optim.pt` next to the rank file, as Megatron-LM writes it.
     `meta`: the source's megatune.json (or {"hf_config": ..., "model_type": ...}), completed from the live model
     (run_meta) on save; `aux_dir`: where the tokenizer/config files are copied from."""
 
-    FILE_KEYS = {"model": "model", "optimizer": "optimizer", "scheduler": "opt_param_scheduler", "rng": "rng_state"}
-    EXTRA_KEYS = {"data": "data_state"}
     after_write = None  # (staging dir, states, meta) -> None on every rank before publishing, e.g. hf_stream's HF dir
 
     def __init__(self, directory, *, meta: dict | None = None, aux_dir=None) -> None:
@@ -259,14 +260,14 @@ class LegacyFormat(CheckpointFormat):
         from megatune.convert.errors import ConvertError
 
         tp, pp, tp_rank, pp_rank = _coords()
-        extra = {self.EXTRA_KEYS.get(k, k): v.state_dict() for k, v in states.items() if k not in self.FILE_KEYS}
+        extra = extra_state_dicts(states)
         state = {"model": states["model"].state_dict(), "checkpoint_version": CHECKPOINT_VERSION,
                  "iteration": int(iteration), "args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
                  "extra": extra,
                  ckpt_layout.RANK_KEY: ckpt_layout.rank_record(tp, tp_rank, pp, pp_rank, *_expert_coords())}
         for key in ("optimizer", "scheduler"):
             if key in states:
-                state[self.FILE_KEYS[key]] = states[key].state_dict()
+                state[FILE_KEYS[key]] = states[key].state_dict()
         if "rng" in states:
             state["rng_state"] = [states["rng"].state_dict()]
         staged.parent.mkdir(parents=True, exist_ok=True)
@@ -306,17 +307,8 @@ class LegacyFormat(CheckpointFormat):
         if "rng" in states and "rng_state" in state:
             states["rng"].load_state_dict(state["rng_state"][0])
         extra = state.get("extra", {})
-        for key, obj in states.items():
-            if key in self.FILE_KEYS:
-                continue
-            name = self.EXTRA_KEYS.get(key, key)
-            if name not in extra:
-                raise TrainError(f"{path}: no {name!r} in the checkpoint's extra state; it was not written by "
-                                 f"megatune sft: start from it as weights (megatune export --to_hf, --model_id_or_path)")
-            try:
-                obj.load_state_dict(extra[name])
-            except ValueError as e:
-                raise TrainError(f"{self.directory}: {e}") from None
+        load_extra_states(states, extra, path, self.directory,
+                          "start from it as weights (megatune export --to_hf, --model_id_or_path)")
         return Loaded(state.get("iteration", iteration), meta, extra, notes)
 
 

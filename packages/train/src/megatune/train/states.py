@@ -91,6 +91,34 @@ class CheckpointFormat(abc.ABC):
         return None
 
 
+# Where each state goes in a checkpoint, in every format: those with a place of their own under Megatron-LM's names;
+# any other state (the data position, a caller's values) goes into the checkpoint's `extra` dict, under its
+# EXTRA_KEYS name when it has one.
+FILE_KEYS = {"model": "model", "optimizer": "optimizer", "scheduler": "opt_param_scheduler", "rng": "rng_state"}
+EXTRA_KEYS = {"data": "data_state"}
+
+
+def extra_state_dicts(states: Mapping[str, Stateful]) -> dict[str, Any]:
+    """The `extra` dict a checkpoint stores: every state without a place of its own, by its EXTRA_KEYS name."""
+    return {EXTRA_KEYS.get(k, k): v.state_dict() for k, v in states.items() if k not in FILE_KEYS}
+
+
+def load_extra_states(states: Mapping[str, Stateful], extra: Mapping[str, Any], where, directory, hint: str) -> None:
+    """Fill the states without a place of their own from a checkpoint's `extra` dict; one line when one is missing
+    (`where`: the file or directory named; `hint`: what to do) or refuses its value."""
+    for key, obj in states.items():
+        if key in FILE_KEYS:
+            continue
+        name = EXTRA_KEYS.get(key, key)
+        if name not in extra:
+            raise TrainError(f"{where}: no {name!r} in the checkpoint's extra state; it was not written by megatune "
+                             f"sft: {hint}")
+        try:
+            obj.load_state_dict(extra[name])
+        except ValueError as e:
+            raise TrainError(f"{directory}: {e}") from None
+
+
 # ------------------------------------------------------------------------------------------------ model
 def single(model_chunks) -> torch.nn.Module:
     if len(model_chunks) != 1:

@@ -45,14 +45,21 @@ from megatune.convert import ckpt_layout, fileio
 from megatune.convert.errors import ConvertError
 from megatune.convert.megatron_flags import checkpoint_format, write_megatron_args
 from megatune.train.errors import TrainError
-from megatune.train.states import CheckpointFormat, Loaded, Stateful, is_distributed_optimizer, run_meta, unwrap
+from megatune.train.states import (
+    CheckpointFormat,
+    Loaded,
+    Stateful,
+    extra_state_dicts,
+    is_distributed_optimizer,
+    load_extra_states,
+    run_meta,
+    unwrap,
+)
 from torch.distributed.checkpoint.api import CheckpointException
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 3.0
 FORMAT = "torch_dist"
-_OWN = ("model", "optimizer", "scheduler", "rng")  # states with a place of their own; the rest go to `extra`
-_EXTRA = {"data": "data_state"}  # names in `extra`, as the legacy format's (checkpoint.LegacyFormat.EXTRA_KEYS)
 _DCP = "torch.distributed.checkpoint"
 LOAD_ERRORS = (Exception, CheckpointException)  # megatron-core and torch DCP raise many kinds
 # What `.metadata` may hold: torch DCP's own metadata/plan records, torch.Size, dtypes and layouts.
@@ -239,7 +246,7 @@ class TorchDistFormat(CheckpointFormat):
         sd.update({"args": api.megatron_args_namespace(full_meta, iteration=int(iteration)),
                    "checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
                    "megatune_layout": _layout(), "megatune_optimizer": _content_metadata(states.get("optimizer")),
-                   "extra": {_EXTRA.get(k, k): v.state_dict() for k, v in states.items() if k not in _OWN}})
+                   "extra": extra_state_dicts(states)})
         if "scheduler" in states:
             sd["opt_param_scheduler"] = states["scheduler"].state_dict()
         with _quiet_not_empty(), all_ranks(self.directory, iteration):
@@ -334,16 +341,7 @@ class TorchDistFormat(CheckpointFormat):
         if "rng" in states and "rng_state" in loaded:
             states["rng"].load_state_dict(loaded["rng_state"][0])
         extra = common.get("extra", {})
-        for key, obj in states.items():
-            if key in _OWN:
-                continue
-            if _EXTRA.get(key, key) not in extra:
-                raise TrainError(f"{self.directory}: no {_EXTRA.get(key, key)!r} in the checkpoint's extra state; it "
-                                 f"was not written by megatune sft: start from it as weights")
-            try:
-                obj.load_state_dict(extra[_EXTRA.get(key, key)])
-            except ValueError as e:
-                raise TrainError(f"{self.directory}: {e}") from None
+        load_extra_states(states, extra, self.directory, self.directory, "start from it as weights")
 
 
 @contextlib.contextmanager
