@@ -7,10 +7,9 @@
 #    puts lm-eval's wheels and its import-time dependencies (py3.12, manylinux) and the MMLU/ARC files under
 #    bench_out/evaluate/ (git-ignored, about 21 MB)
 # 2. GPU machine:      bash packages/evaluate/benchmarks/gpu_eval.sh [loglikelihood|native]   (carry: bench_out/evaluate)
-#    installs lm-eval into a virtualenv over the system's torch/transformers (--system-site-packages, --no-deps,
-#    --no-index), runs bench_eval.py for each protocol asked (default both: loglikelihood, then Native generation
-#    with 16 new tokens; each builds the model, ~2-4 min) and writes Markdown + JSON figures to $OUT (or
-#    bench_out/evaluate/results).
+#    installs lm-eval's wheels into /tmp/lmeval/site over the system's torch/transformers (--no-deps, --no-index),
+#    runs bench_eval.py for each protocol asked (default both: loglikelihood, then Native generation with 16 new
+#    tokens; 1x H200: about 6 and 7 min) and writes Markdown + JSON figures to $OUT (or bench_out/evaluate/results).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 HERE=bench_out/evaluate
@@ -29,8 +28,13 @@ fi
 OUT_DIR=${OUT:-$HERE/results}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-"$PY" -m venv --system-site-packages /tmp/lmeval
-/tmp/lmeval/bin/pip install --quiet --no-index --no-deps "$HERE"/whl/*.whl
+# lm-eval's wheels in a folder of their own, put in front of the system's packages by a small launcher (a virtualenv
+# with --system-site-packages would not see packages the system python finds through its own environment)
+"$PY" -m pip install --quiet --no-index --no-deps --target /tmp/lmeval/site "$HERE"/whl/*.whl
+mkdir -p /tmp/lmeval/bin
+printf '#!/bin/sh\nPYTHONPATH=/tmp/lmeval/site${PYTHONPATH:+:$PYTHONPATH} exec %s "$@"\n' "$(command -v "$PY")" \
+    > /tmp/lmeval/bin/python
+chmod +x /tmp/lmeval/bin/python
 export PYTHONPATH=packages/evaluate/src:packages/convert/src:packages/argmap/src
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt"

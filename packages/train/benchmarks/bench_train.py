@@ -1,7 +1,13 @@
 """HF Trainer-style loop vs megatune's real training step, same shape, same GPU: tokens/s, MFU, peak memory.
 
     python packages/train/benchmarks/bench_train.py [--model qwen2-1.5b --seq 4096 --mbs 2] [--multi dp4,tp2]
+    python packages/train/benchmarks/bench_train.py --seq 32768 --mbs 1 --recompute full --hf compile+ckpt  # long S
     python packages/train/benchmarks/bench_train.py --cpu-smoke      # tiny fp32 run of the megatune side on CPU
+
+The peers run in the same process before megatune's launches (`--hf`, default `eager,compile`: HF's recipe eager and
+compiled whole by torch.compile, hf_baseline.py); ratios are computed against the strongest peer of the run, and a
+peer that runs out of memory is reported as OOM. `--recompute selective|full` sets megatron-core's activation
+recompute for the megatune side (the HF side's counterpart is the `+ckpt` variants: gradient checkpointing).
 
 The megatune side is what `megatune sft` runs per iteration: build_model (bf16 params, native spec), runtime's
 wrap_model (Float16Module + megatron-core DDP) and optim.build_optimizer (fp32 main params, distributed optimizer,
@@ -30,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_baseline import H200_BF16_PEAK, bench_hf, flops_per_token, qwen2_config  # noqa: E402
+from hf_baseline import H200_BF16_PEAK, HF_VARIANTS, bench_hf, flops_per_token, qwen2_config  # noqa: E402
 
 SMOKE_CFG = dict(qwen2_config("qwen2-0.5b"), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
@@ -78,9 +84,11 @@ def stock_optimizer(optimizer) -> None:
 
 
 def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warmup: int, profile: bool,
-                   overlap: bool | None = None, stock: bool = False, accum: int = 1, ep: int = 1) -> dict:
+                   overlap: bool | None = None, stock: bool = False, accum: int = 1, ep: int = 1,
+                   recompute: str | None = None) -> dict:
     """megatune's real training step: `accum` micro-batches of `mbs` sequences per DP rank and optimizer step.
-    overlap: the device policy's overlap_grad_reduce (None = its default); stock: stock_optimizer()."""
+    overlap: the device policy's overlap_grad_reduce (None = its default); stock: stock_optimizer(); recompute:
+    megatron-core's recompute_granularity (None, 'selective', 'full')."""
     import dataclasses
 
     from megatron.core import parallel_state as ps
@@ -92,7 +100,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     gpu = torch.cuda.is_available()
     dist = init_distributed(tp, 1, ep=ep, seed=0)  # ep > 1: an MoE cfg's experts over ep ranks (bench_moe.py)
     chunks = build_model(cfg, tp=tp, pp=1, params_dtype=torch.bfloat16 if gpu else torch.float32,
-                         sequence_parallel=tp > 1, seq_length=seq)
+                         sequence_parallel=tp > 1, seq_length=seq, recompute_granularity=recompute)
     gbs = mbs * dist.dp * accum
     margs = margs_for(bf16=gpu, distributed=gpu, gbs=gbs)
     policy = resolve_policy(Request(precision="bf16" if gpu else "fp32", distributed_optimizer=gpu), Machine.detect(),
@@ -134,7 +142,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     name = (f"megatune tp{tp} dp{dist.dp}" + (f" ep{ep}" if ep > 1 else "") + f" mbs{mbs}"
             + (f" x{accum} accum" if accum > 1 else "")
             + ((" overlap" if ddp_overlap else " no-overlap") if dist.dp > 1 else "")
-            + (" stock optimizer" if stock else ""))
+            + (" stock optimizer" if stock else "") + (f" recompute {recompute}" if recompute else ""))
     result = {"name": name, "gpus": gpus, "tokens_per_s": tps,
               "mfu": tps * flops_per_token(cfg, seq) / (gpus * H200_BF16_PEAK),
               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0, "losses": losses,
@@ -198,6 +206,8 @@ def launch(n: int, spec: dict, out_dir: Path, name: str, timeout: int) -> list[d
 
 
 def fmt(r: dict) -> str:
+    if r.get("oom"):
+        return f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {'OOM':>10} {'-':>7} {'> ' + format(r['peak_mem_gb'], '.0f'):>8}"
     return (f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% "
             f"{r['peak_mem_gb']:>8.1f}")
 
@@ -210,7 +220,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--multi", default="", help="comma list of dpN (N GPUs), tp2 (Qwen2-7B shape)")
-    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--hf", default="eager,compile",
+                   help=f"comma list of HF peers run in the same process: {', '.join(HF_VARIANTS)}; '' for none")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                   help="megatron-core activation recompute on the megatune side (long sequences)")
     p.add_argument("--ablate", action="store_true",
                    help="also run the 1-GPU megatune step with megatron-core's stock optimizer fallbacks, and the "
                         "TP2 shape with 4-micro-batch gradient accumulation")
@@ -230,15 +243,19 @@ def main() -> None:
     cfg = qwen2_config(a.model)
     spec = {"cfg": cfg, "tp": 1, "seq": a.seq, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
             "variants": [{}, {"stock": True}] if a.ablate else [{}], "profile": True}
+    if a.recompute != "none":
+        spec["variants"] = [dict(v, recompute=a.recompute) for v in spec["variants"]]
     date = time.strftime("%Y-%m-%d")
     gpu = torch.cuda.get_device_name(0)
     print(f"[bench] {date} {gpu} x{torch.cuda.device_count()} torch {torch.__version__} model {a.model} "
           f"S={a.seq} mbs={a.mbs} steps={a.steps} warmup={a.warmup}", flush=True)
     rows = []
-    hf = None if a.skip_hf else bench_hf(cfg, seq_len=a.seq, micro_batch=a.mbs, steps=a.steps, warmup=a.warmup)
-    if hf:
-        rows.append(hf)
-        print("[bench] " + fmt(hf), flush=True)
+    peers = []
+    for variant in [v for v in a.hf.split(",") if v]:
+        peers.append(bench_hf(cfg, seq_len=a.seq, micro_batch=a.mbs, steps=a.steps, warmup=a.warmup, variant=variant))
+        print("[bench] " + fmt(peers[-1]), flush=True)
+    rows += peers
+    hf = max((r for r in peers if not r.get("oom")), key=lambda r: r["tokens_per_s"], default=None)
     one = launch(1, spec, out, "megatune_1gpu", a.timeout)
     rows += one
     multi = [m for m in a.multi.split(",") if m]
@@ -264,9 +281,10 @@ def main() -> None:
         print(fmt(r))
     if hf and one:
         m = one[0]
-        print(f"megatune/HF tokens/s = {m['tokens_per_s'] / hf['tokens_per_s']:.2f}x (target >= 1.3), "
-              f"MFU {100 * m['mfu']:.1f}% (target >= 50), memory {m['peak_mem_gb']:.1f} vs {hf['peak_mem_gb']:.1f} GB")
-        print(f"first/last loss HF {hf['losses'][0]:.3f}/{hf['losses'][-1]:.3f}  "
+        print(f"megatune / strongest peer ({hf['name']}) tokens/s = {m['tokens_per_s'] / hf['tokens_per_s']:.2f}x "
+              f"(target >= 1.2), MFU {100 * m['mfu']:.1f}% (target >= 50), memory {m['peak_mem_gb']:.1f} vs "
+              f"{hf['peak_mem_gb']:.1f} GB")
+        print(f"first/last loss {hf['name']} {hf['losses'][0]:.3f}/{hf['losses'][-1]:.3f}  "
               f"megatune {m['losses'][0]:.3f}/{m['losses'][-1]:.3f}")
     for r in dp:
         if one:

@@ -1,12 +1,15 @@
 """The baseline users run today: a HF transformers causal LM trained the way HF Trainer does on one GPU.
 
-fp32 master weights with bf16 autocast, SDPA attention, fused AdamW, no gradient checkpointing: the same
-recipe as `Trainer(bf16=True, optim="adamw_torch_fused")`. Random weights and random tokens of a fixed shape
-so both sides of the comparison do exactly the same arithmetic.
+fp32 master weights with bf16 autocast, SDPA attention, fused AdamW: the same recipe as
+`Trainer(bf16=True, optim="adamw_torch_fused")`, optionally with `torch_compile=True` (the model compiled whole by
+torch.compile, default inductor backend: HF's strongest configuration on the Qwen2-1.5B shape) and
+`gradient_checkpointing=True` (non-reentrant, for long sequences). Random weights and random tokens of a fixed
+shape so both sides of the comparison do exactly the same arithmetic.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -30,7 +33,30 @@ def qwen2_config(name: str) -> dict:
             "hidden_act": "silu", **shapes[name]}
 
 
-def bench_hf(cfg: dict, *, seq_len: int, micro_batch: int, steps: int, warmup: int) -> dict:
+HF_VARIANTS = {"eager": "HF eager", "compile": "HF + torch.compile", "eager+ckpt": "HF eager + grad ckpt",
+               "compile+ckpt": "HF + torch.compile + grad ckpt"}
+
+
+def bench_hf(cfg: dict, *, seq_len: int, micro_batch: int, steps: int, warmup: int, variant: str = "eager") -> dict:
+    """variant: eager | compile (torch.compile of the whole model), +ckpt adds gradient checkpointing. A variant that
+    runs out of GPU memory is returned as a row with "oom": True (tokens/s 0)."""
+    if variant not in HF_VARIANTS:
+        raise SystemExit(f"hf_baseline: error: HF variant {variant!r}: use one of {', '.join(HF_VARIANTS)}")
+    name = HF_VARIANTS[variant]
+    try:
+        return _bench_hf(cfg, seq_len=seq_len, micro_batch=micro_batch, steps=steps, warmup=warmup, name=name,
+                         compiled=variant.startswith("compile"), checkpointing=variant.endswith("+ckpt"))
+    except torch.OutOfMemoryError:
+        pass
+    torch._dynamo.reset()
+    gc.collect()  # the failed attempt's tensors, freed with its traceback
+    torch.cuda.empty_cache()
+    return {"name": name, "oom": True, "tokens_per_s": 0.0, "mfu": 0.0,
+            "peak_mem_gb": torch.cuda.get_device_properties(0).total_memory / 2**30, "losses": []}
+
+
+def _bench_hf(cfg: dict, *, seq_len: int, micro_batch: int, steps: int, warmup: int, name: str, compiled: bool,
+              checkpointing: bool) -> dict:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
@@ -38,6 +64,9 @@ def bench_hf(cfg: dict, *, seq_len: int, micro_batch: int, steps: int, warmup: i
     config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).cuda()
     model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    forward = torch.compile(model) if compiled else model  # the first (warm-up) steps pay for compilation
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     tokens = torch.randint(0, cfg["vocab_size"], (steps + warmup, micro_batch, seq_len), device="cuda", generator=gen)
@@ -48,7 +77,7 @@ def bench_hf(cfg: dict, *, seq_len: int, micro_batch: int, steps: int, warmup: i
             torch.cuda.synchronize()
             start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=tokens[i], labels=tokens[i]).loss
+            loss = forward(input_ids=tokens[i], labels=tokens[i]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -58,12 +87,13 @@ def bench_hf(cfg: dict, *, seq_len: int, micro_batch: int, steps: int, warmup: i
     seconds = time.perf_counter() - start
     tps = steps * micro_batch * seq_len / seconds
     result = {
-        "name": "HF transformers (fp32 master, bf16 autocast, SDPA, fused AdamW)",
+        "name": name,
         "tokens_per_s": tps,
         "mfu": tps * flops_per_token(cfg, seq_len) / H200_BF16_PEAK,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
         "losses": losses,
     }
-    del model, opt
+    del forward, model, opt
+    torch._dynamo.reset()
     torch.cuda.empty_cache()
     return result
