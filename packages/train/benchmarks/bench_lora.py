@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import SMOKE_CFG, margs_for, microbatch, top_kernels  # noqa: E402
-from hf_baseline import qwen2_config  # noqa: E402
+from hf_baseline import qwen2_config, time_steps  # noqa: E402
 
 HF_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # = ALL
 QWEN2_72B = dict(qwen2_config("qwen2-7b"), hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
@@ -143,29 +143,12 @@ def bench_hf_peft(cfg: dict, *, seq: int, mbs: int, steps_n: int, warmup: int, r
                                              task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=gpu)
-    g = torch.Generator(device=device).manual_seed(0)
-    tokens = torch.randint(0, cfg["vocab_size"], (steps_n + warmup, mbs, seq), device=device, generator=g)
-    losses = []
-    for i in range(steps_n + warmup):
-        if i == warmup:
-            if gpu:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
-            loss = model(input_ids=tokens[i], labels=tokens[i]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    if gpu:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    timed = time_steps(model, params, vocab=cfg["vocab_size"], seq=seq, mbs=mbs, steps=steps_n, warmup=warmup,
+                       autocast=gpu, lr=1e-4)
     result = {"name": f"HF + peft LoRA r={rank} ALL" + (" grad-ckpt" if grad_ckpt else ""), "gpus": 1,
-              "tokens_per_s": steps_n * mbs * seq / seconds, "peak_mem_gb": _peak_gb(gpu), "losses": losses,
+              "tokens_per_s": timed["tokens_per_s"], "peak_mem_gb": _peak_gb(gpu), "losses": timed["losses"],
               "trainable_per_rank": sum(p.numel() for p in params)}
-    del model, opt, params
+    del model, params
     gc.collect()
     if gpu:
         torch.cuda.empty_cache()

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import bench_megatune, fmt, launch  # noqa: E402
-from hf_baseline import H200_BF16_PEAK, flops_per_token  # noqa: E402
+from hf_baseline import H200_BF16_PEAK, flops_per_token, time_steps  # noqa: E402
 
 
 def qwen3_moe_config(layers: int) -> dict:
@@ -59,28 +59,14 @@ def bench_hf_moe(cfg: dict, variant: str, *, seq: int, mbs: int, steps: int, war
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if bf16 else torch.float32, **kwargs).cuda()
     resolved = getattr(model.config, "_experts_implementation", None)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, cfg["vocab_size"], (steps + warmup, mbs, seq), device="cuda", generator=gen)
     torch.cuda.reset_peak_memory_stats()
-    losses, start = [], time.perf_counter()
-    for i in range(steps + warmup):
-        if i == warmup:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not bf16):
-            loss = model(input_ids=tokens[i], labels=tokens[i], output_router_logits=True).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    torch.cuda.synchronize()
-    tps = steps * mbs * seq / (time.perf_counter() - start)
+    timed = time_steps(model, list(model.parameters()), vocab=cfg["vocab_size"], seq=seq, mbs=mbs, steps=steps,
+                       warmup=warmup, autocast=not bf16, lr=1e-5, output_router_logits=True)
+    tps = timed["tokens_per_s"]
     row = {"name": f"HF {variant} (experts: {resolved})", "gpus": 1, "tokens_per_s": tps,
            "mfu": tps * flops_per_token(cfg, seq) / H200_BF16_PEAK,
-           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "losses": losses}
-    del model, opt
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "losses": timed["losses"]}
+    del model
     gc.collect()
     torch.cuda.empty_cache()
     return row

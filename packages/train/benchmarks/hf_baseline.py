@@ -33,6 +33,36 @@ def qwen2_config(name: str) -> dict:
             "hidden_act": "silu", **shapes[name]}
 
 
+def time_steps(forward, params: list, *, vocab: int, seq: int, mbs: int, steps: int, warmup: int, autocast: bool,
+               lr: float, **model_kwargs) -> dict:
+    """HF Trainer's step on fresh random tokens, `warmup` untimed steps then `steps` timed ones: forward with
+    labels (under bf16 autocast when `autocast`), backward, clip to 1.0, AdamW (fused on GPU), zero_grad.
+    `params`: what the optimizer updates (the trainable ones). Returns {"tokens_per_s", "losses"}."""
+    device = params[0].device
+    gpu = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, fused=gpu)
+    gen = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(0, vocab, (steps + warmup, mbs, seq), device=device, generator=gen)
+    losses, start = [], time.perf_counter()
+    for i in range(steps + warmup):
+        if i == warmup:
+            if gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(input_ids=tokens[i], labels=tokens[i], **model_kwargs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    if gpu:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del opt
+    return {"tokens_per_s": steps * mbs * seq / seconds, "losses": losses}
+
+
 HF_VARIANTS = {"eager": "HF eager", "compile": "HF + torch.compile", "eager+ckpt": "HF eager + grad ckpt",
                "compile+ckpt": "HF + torch.compile + grad ckpt"}
 
@@ -67,33 +97,18 @@ def _bench_hf(cfg: dict, *, seq_len: int, micro_batch: int, steps: int, warmup: 
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     forward = torch.compile(model) if compiled else model  # the first (warm-up) steps pay for compilation
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, cfg["vocab_size"], (steps + warmup, micro_batch, seq_len), device="cuda", generator=gen)
     torch.cuda.reset_peak_memory_stats()
-    losses = []
-    for i in range(steps + warmup):
-        if i == warmup:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward(input_ids=tokens[i], labels=tokens[i]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    tps = steps * micro_batch * seq_len / seconds
+    timed = time_steps(forward, list(model.parameters()), vocab=cfg["vocab_size"], seq=seq_len, mbs=micro_batch,
+                       steps=steps, warmup=warmup, autocast=True, lr=1e-5)
+    tps = timed["tokens_per_s"]
     result = {
         "name": name,
         "tokens_per_s": tps,
         "mfu": tps * flops_per_token(cfg, seq_len) / H200_BF16_PEAK,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
-        "losses": losses,
+        "losses": timed["losses"],
     }
-    del forward, model, opt
+    del forward, model
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return result
