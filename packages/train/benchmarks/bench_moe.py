@@ -1,6 +1,7 @@
 """MoE training throughput: a Qwen3-30B-A3B-shaped model, HF transformers vs megatune, same shape, same GPUs.
 
     python packages/train/benchmarks/bench_moe.py [--layers 6 --seq 4096 --mbs 1] [--multi ep2 --ep2-layers 12]
+    python packages/train/benchmarks/bench_moe.py --accum 8 --multi ''   # 8 micro-batches per step, both sides
     python packages/train/benchmarks/bench_moe.py --cpu-smoke      # tiny fp32 MoE run of the megatune side on CPU
 
 Shape: Qwen3-30B-A3B's config.json (hidden 2048, 32 heads / 4 KV heads of 128, 128 experts, top-8 renormalised,
@@ -46,7 +47,7 @@ def qwen3_moe_config(layers: int) -> dict:
             "use_sliding_window": False, "sliding_window": None}
 
 
-def bench_hf_moe(cfg: dict, variant: str, *, seq: int, mbs: int, steps: int, warmup: int) -> dict:
+def bench_hf_moe(cfg: dict, variant: str, *, seq: int, mbs: int, steps: int, warmup: int, accum: int = 1) -> dict:
     """One HF variant (module docstring); loss includes router_aux_loss_coef x aux (output_router_logits)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -61,9 +62,10 @@ def bench_hf_moe(cfg: dict, variant: str, *, seq: int, mbs: int, steps: int, war
     model.train()
     torch.cuda.reset_peak_memory_stats()
     timed = time_steps(model, list(model.parameters()), vocab=cfg["vocab_size"], seq=seq, mbs=mbs, steps=steps,
-                       warmup=warmup, autocast=not bf16, lr=1e-5, output_router_logits=True)
+                       warmup=warmup, autocast=not bf16, lr=1e-5, accum=accum, output_router_logits=True)
     tps = timed["tokens_per_s"]
-    row = {"name": f"HF {variant} (experts: {resolved})", "gpus": 1, "tokens_per_s": tps,
+    name = f"HF {variant} (experts: {resolved})" + (f" x{accum} accum" if accum > 1 else "")
+    row = {"name": name, "gpus": 1, "tokens_per_s": tps,
            "mfu": tps * flops_per_token(cfg, seq) / H200_BF16_PEAK,
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "losses": timed["losses"]}
     del model
@@ -78,6 +80,8 @@ def main() -> None:
     p.add_argument("--ep2-layers", type=int, default=12, help="decoder layers of the EP2 run on two GPUs")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--mbs", type=int, default=1)
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimizer step, on both sides (SFT runs accumulate: global batch > 1)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--multi", default="ep2", help="comma list: ep2 (two GPUs, expert parallelism 2), or ''")
@@ -96,12 +100,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     date, gpu, n_gpu = time.strftime("%Y-%m-%d"), torch.cuda.get_device_name(0), torch.cuda.device_count()
     print(f"[bench] {date} {gpu} x{n_gpu} torch {torch.__version__} Qwen3-30B-A3B shape, {a.layers} layers "
-          f"(EP2: {a.ep2_layers}), S={a.seq} mbs={a.mbs} steps={a.steps} warmup={a.warmup}", flush=True)
+          f"(EP2: {a.ep2_layers}), S={a.seq} mbs={a.mbs} accum={a.accum} steps={a.steps} warmup={a.warmup}", flush=True)
     cfg = qwen3_moe_config(a.layers)
     rows: list[dict] = []
     for variant in [v for v in a.hf.split(",") if v]:
         try:
-            rows.append(bench_hf_moe(cfg, variant, seq=a.seq, mbs=a.mbs, steps=a.steps, warmup=a.warmup))
+            rows.append(bench_hf_moe(cfg, variant, seq=a.seq, mbs=a.mbs, steps=a.steps, warmup=a.warmup,
+                                     accum=a.accum))
             print("[bench] " + fmt(rows[-1]), flush=True)
         except Exception as e:  # noqa: BLE001 - an HF variant that cannot run (OOM, unsupported kernel) is reported
             print(f"[bench] HF {variant}: failed at {a.layers} layers: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -109,12 +114,12 @@ def main() -> None:
             torch.cuda.empty_cache()
     hf_rows = list(rows)
     spec = {"cfg": cfg, "tp": 1, "seq": a.seq, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
-            "variants": [{}], "profile": True}
+            "variants": [{"accum": a.accum}], "profile": True}
     one = launch(1, spec, out, "megatune_moe_1gpu", a.timeout)
     rows += one
     ep2 = []
     if "ep2" in a.multi.split(",") and n_gpu >= 2:
-        ep2 = launch(2, dict(spec, cfg=qwen3_moe_config(a.ep2_layers), variants=[{"ep": 2}]), out, "megatune_moe_ep2",
+        ep2 = launch(2, dict(spec, cfg=qwen3_moe_config(a.ep2_layers), variants=[{"ep": 2, "accum": a.accum}]), out, "megatune_moe_ep2",
                      a.timeout)
         rows += ep2
     (out / "bench_moe.json").write_text(json.dumps({"date": date, "gpu": gpu, "args": vars(a), "rows": rows},

@@ -34,33 +34,38 @@ def qwen2_config(name: str) -> dict:
 
 
 def time_steps(forward, params: list, *, vocab: int, seq: int, mbs: int, steps: int, warmup: int, autocast: bool,
-               lr: float, **model_kwargs) -> dict:
-    """HF Trainer's step on fresh random tokens, `warmup` untimed steps then `steps` timed ones: forward with
-    labels (under bf16 autocast when `autocast`), backward, clip to 1.0, AdamW (fused on GPU), zero_grad.
-    `params`: what the optimizer updates (the trainable ones). Returns {"tokens_per_s", "losses"}."""
+               lr: float, accum: int = 1, **model_kwargs) -> dict:
+    """HF Trainer's step on fresh random tokens, `warmup` untimed steps then `steps` timed ones: `accum`
+    micro-batches of `mbs` sequences each forward with labels (under bf16 autocast when `autocast`) and backward
+    (loss / accum, as Trainer's gradient_accumulation_steps), then clip to 1.0, AdamW (fused on GPU), zero_grad.
+    `params`: what the optimizer updates (the trainable ones). Returns {"tokens_per_s", "losses"} (mean loss of
+    each step's micro-batches)."""
     device = params[0].device
     gpu = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, fused=gpu)
     gen = torch.Generator(device=device).manual_seed(0)
-    tokens = torch.randint(0, vocab, (steps + warmup, mbs, seq), device=device, generator=gen)
+    tokens = torch.randint(0, vocab, (steps + warmup, accum, mbs, seq), device=device, generator=gen)
     losses, start = [], time.perf_counter()
     for i in range(steps + warmup):
         if i == warmup:
             if gpu:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = forward(input_ids=tokens[i], labels=tokens[i], **model_kwargs).loss
-        loss.backward()
+        step_loss = 0.0
+        for micro in tokens[i]:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = forward(input_ids=micro, labels=micro, **model_kwargs).loss / accum
+            loss.backward()
+            step_loss += loss.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(float(step_loss))
     if gpu:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     del opt
-    return {"tokens_per_s": steps * mbs * seq / seconds, "losses": losses}
+    return {"tokens_per_s": steps * accum * mbs * seq / seconds, "losses": losses}
 
 
 HF_VARIANTS = {"eager": "HF eager", "compile": "HF + torch.compile", "eager+ckpt": "HF eager + grad ckpt",

@@ -31,3 +31,57 @@ def rewind(rank: int, out_dir: str | Path, run_dirs: Iterable[str | Path], itera
         ready.write_text("")
     while not ready.exists():
         time.sleep(0.2)
+
+
+STEPS = 20  # sft_argv's max_steps
+
+
+def sft_argv(model_dir, out_dir, **overrides) -> list[str]:
+    """A small, fast, fp32 `megatune sft` command line on the tiny model (self-cognition, STEPS steps, saves at 10)."""
+    flags = {
+        "model_id_or_path": str(model_dir), "dataset": "self-cognition#80", "model_name": ["小黄", "Xiao Huang"],
+        "model_author": ["魔搭", "ModelScope"], "max_length": 64, "learning_rate": 1e-3, "batch_size": 1,
+        "global_batch_size": 4, "max_steps": STEPS, "logging_steps": 1, "eval_steps": 1000, "save_steps": 10,
+        "dtype": "fp32", "dataset_test_ratio": 0.0, "output_dir": str(out_dir), "seed": 7,
+    }
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        argv.append(f"--{key}")
+        argv.extend(str(v) for v in value) if isinstance(value, list) else argv.append(str(value))
+    return argv
+
+
+def run_bad_inputs(cases: dict[str, tuple[int, list[str]]]) -> dict[str, tuple[int, str]]:
+    """name -> (exit code, stderr) of `megatune sft` for each name -> (world size it believes in, argv), run in this
+    single process (the error comes before any collective)."""
+    import contextlib
+    import io
+
+    from megatune.train import cli
+    from megatune.train.distributed import free_port
+
+    out = {}
+    for name, (world, argv) in cases.items():
+        as_rank(0, world, free_port())
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+        out[name] = (code, err.getvalue())
+    return out
+
+
+def train_layouts(rank: int, layouts, ports, argv_for, keys, tag: tuple = ()) -> dict:
+    """For each layout (tp, pp, n), a group of tp*pp*n processes (n: dp, or ep carved out of dp): the ranks below
+    that size join a fresh group at the layout's port and run `cli.run(argv_for(tp, pp, n))`. Returns
+    {tag + layout: {key: result[key] for key in keys}} for the layouts this rank trained in."""
+    from megatune.train import cli
+
+    results = {}
+    for layout, port in zip(layouts, ports):
+        size = layout[0] * layout[1] * layout[2]
+        if rank < size:
+            as_rank(rank, size, port)
+            res = cli.run(argv_for(*layout), progress=False)
+            results[tag + tuple(layout)] = {k: res[k] for k in keys}
+    return results

@@ -19,57 +19,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from group_helpers import STEPS, rewind, train_layouts
 from group_helpers import as_rank as _as_rank  # noqa: F401 - imported by the GPU tests too
-from group_helpers import rewind
+from group_helpers import sft_argv as base_argv
 from megatune.train.distributed import free_port, run_local
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
 EXTRA = {(2, 1, 1): {"sequence_parallel": "true"}, (1, 2, 1): {"recompute_granularity": "full"}}
 RESUMED = [(1, 1, 1), (2, 1, 1)]
-STEPS = 20
 LORA = {"sft_type": "lora", "lora_target_modules": "ALL", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 
 
 def sft_argv(model_dir, out_dir, **overrides) -> list[str]:
-    flags = {
-        "model_id_or_path": str(model_dir), "dataset": "self-cognition#80", "model_name": ["小黄", "Xiao Huang"],
-        "model_author": ["魔搭", "ModelScope"], "max_length": 64, "learning_rate": 1e-2, "batch_size": 1,
-        "global_batch_size": 4, "max_steps": STEPS, "logging_steps": 1, "eval_steps": 1000, "save_steps": 10,
-        "dtype": "fp32", "dataset_test_ratio": 0.0, "output_dir": str(out_dir), "seed": 7, **LORA,
-    }
-    flags.update(overrides)
-    argv = []
-    for key, value in flags.items():
-        argv.append(f"--{key}")
-        argv.extend(str(v) for v in value) if isinstance(value, list) else argv.append(str(value))
-    return argv
+    """group_helpers.sft_argv with LoRA on and the adapters' learning rate."""
+    return base_argv(model_dir, out_dir, **{"learning_rate": 1e-2, **LORA, **overrides})
 
 
 def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]) -> dict:
-    from megatune.train import cli
+    def argv(tp, pp, dp, **flags):
+        return sft_argv(model_dir, out_dir, tp=tp, pp=pp, **EXTRA.get((tp, pp, dp), {}), **flags)
 
-    results: dict = {}
-    for (tp, pp, dp), port in zip(LAYOUTS, ports):
-        if rank < tp * pp * dp:
-            _as_rank(rank, tp * pp * dp, port)
-            res = cli.run(sft_argv(model_dir, out_dir, tp=tp, pp=pp, **EXTRA.get((tp, pp, dp), {})), progress=False)
-            results[(tp, pp, dp)] = {k: res[k] for k in ("losses", "run_dir", "tp", "pp", "dp")}
+    results = train_layouts(rank, LAYOUTS, ports, argv, ("losses", "run_dir", "tp", "pp", "dp"))
     rewind(rank, out_dir, [results[layout]["run_dir"] for layout in RESUMED] if rank == 0 else [], 10)
-    for (tp, pp, dp), port in zip(RESUMED, ports[len(LAYOUTS):]):
-        if rank < tp * pp * dp:
-            _as_rank(rank, tp * pp * dp, port)
-            source = results[(tp, pp, dp)]["run_dir"]
-            res = cli.run(sft_argv(model_dir, out_dir, tp=tp, pp=pp, resume_from_checkpoint=source,
-                                   **EXTRA.get((tp, pp, dp), {})), progress=False)
-            results[("resumed", tp, pp, dp)] = {k: res[k] for k in ("losses", "run_dir", "start_iteration")}
+    results |= train_layouts(rank, RESUMED, ports[len(LAYOUTS):],
+                             lambda tp, pp, dp: argv(tp, pp, dp, resume_from_checkpoint=results[(tp, pp, dp)]["run_dir"]),
+                             ("losses", "run_dir", "start_iteration"), tag=("resumed",))
     return results
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2(tmp_path_factory):
-    from megatune.convert.testing import make_tiny_model
-
-    return make_tiny_model("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2", seed=0)
 
 
 @pytest.fixture(scope="module")

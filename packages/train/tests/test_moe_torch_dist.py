@@ -10,12 +10,9 @@ a (tp, pp, ep) = (1,1,2) run with grouped experts saves at iterations 5 and 10; 
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import moe_helpers as H
 import pytest
-from group_helpers import rewind
+from group_helpers import rewind, run_bad_inputs
 from megatune.train.distributed import free_port
 from test_torch_dist import spawn  # non-daemon ranks: megatron-core's torch_dist writer forks processes
 from test_train_parallel import _as_rank, sft_argv
@@ -37,12 +34,8 @@ def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]
                                resume_from_checkpoint=first["run_dir"], **FLAGS, **extra), progress=False)
         out[name] = (res["start_iteration"], res["losses"])
     if rank == 0:
-        _as_rank(0, 1, ports[3])
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            code = cli.main(sft_argv(model_dir, out_dir, expert_model_parallel_size=1,
-                                     resume_from_checkpoint=first["run_dir"], **FLAGS))
-        out["ep1"] = (code, err.getvalue())
+        out |= run_bad_inputs({"ep1": (1, sft_argv(model_dir, out_dir, expert_model_parallel_size=1,
+                                                    resume_from_checkpoint=first["run_dir"], **FLAGS))})
     return out
 
 

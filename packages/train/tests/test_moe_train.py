@@ -14,14 +14,12 @@ gloo, all in ONE spawned group of 4 processes:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import moe_helpers as H
 import pytest
-from group_helpers import rewind
+from group_helpers import STEPS, rewind, run_bad_inputs, train_layouts
 from megatune.train.distributed import free_port, run_local
 from test_train_parallel import _as_rank, sft_argv
 
@@ -29,7 +27,6 @@ LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2)]
 EXTRA = {(1, 1, 1): {"moe_token_dispatcher_type": "allgather"}, (1, 1, 2): {"moe_grouped_gemm": "false"},
          (2, 1, 2): {"sequence_parallel": "true"}, (1, 2, 2): {"recompute_granularity": "full"}}
 RESUMED = [(1, 1, 2), (1, 2, 2)]
-STEPS = 20
 MOE = {"moe_z_loss_coeff": 1e-3, "moe_aux_loss_coeff": 0.01}
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -44,8 +41,6 @@ def _argv(model_dir, out_dir, tp, pp, ep, **overrides):
 
 
 def _bad_inputs(model_dir: str, dense_dir: str, out_dir: str, ep2_run: str) -> dict[str, tuple[int, str]]:
-    from megatune.train import cli
-
     cases = {
         "ep_experts": (3, _argv(model_dir, out_dir, 1, 1, 3)),  # 4 experts over ep=3
         "ep_world": (1, _argv(model_dir, out_dir, 1, 1, 2)),  # world 1 over tp x pp x ep = 2
@@ -53,39 +48,25 @@ def _bad_inputs(model_dir: str, dense_dir: str, out_dir: str, ep2_run: str) -> d
         "ep_dense": (2, sft_argv(dense_dir, out_dir, expert_model_parallel_size=2)),
         "ep_allgather": (2, _argv(model_dir, out_dir, 1, 1, 2, moe_token_dispatcher_type="allgather")),
     }
-    out = {}
-    for name, (world, argv) in cases.items():
-        _as_rank(0, world, free_port())
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            code = cli.main(argv)
-        out[name] = (code, err.getvalue())
-    return out
+    return run_bad_inputs(cases)
 
 
 def _group(rank: int, world: int, model_dir: str, dense_dir: str, out_dir: str, ports: list[int]) -> dict:
     from megatune.convert import convert
     from megatune.train import cli
 
-    results: dict = {}
-    for (tp, pp, ep), port in zip(LAYOUTS, ports):
-        size = tp * pp * ep  # dp = ep: expert parallelism is carved out of data parallelism
-        if rank < size:
-            _as_rank(rank, size, port)
-            res = cli.run(_argv(model_dir, out_dir, tp, pp, ep, **EXTRA.get((tp, pp, ep), {})), progress=False)
-            results[(tp, pp, ep)] = {k: res[k] for k in ("losses", "run_dir", "tp", "pp", "dp")}
-            if rank == 0:
-                results[(tp, pp, ep)]["aux"] = _aux_curve(res["run_dir"])
+    def argv(tp, pp, ep, **flags):  # dp = ep: expert parallelism is carved out of data parallelism
+        return _argv(model_dir, out_dir, tp, pp, ep, **EXTRA.get((tp, pp, ep), {}), **flags)
 
+    results = train_layouts(rank, LAYOUTS, ports, argv, ("losses", "run_dir", "tp", "pp", "dp"))
+    if rank == 0:
+        for run in results.values():
+            run["aux"] = _aux_curve(run["run_dir"])
     # the run dirs now look as if the save of iteration 20 never happened
     rewind(rank, out_dir, [results[layout]["run_dir"] for layout in RESUMED] if rank == 0 else [], 10)
-    for (tp, pp, ep), port in zip(RESUMED, ports[len(LAYOUTS):]):
-        if rank < tp * pp * ep:
-            _as_rank(rank, tp * pp * ep, port)
-            source = results[(tp, pp, ep)]["run_dir"]
-            res = cli.run(_argv(model_dir, out_dir, tp, pp, ep, resume_from_checkpoint=source,
-                                **EXTRA.get((tp, pp, ep), {})), progress=False)
-            results[("resumed", tp, pp, ep)] = {k: res[k] for k in ("losses", "run_dir", "start_iteration")}
+    results |= train_layouts(rank, RESUMED, ports[len(LAYOUTS):],
+                             lambda tp, pp, ep: argv(tp, pp, ep, resume_from_checkpoint=results[(tp, pp, ep)]["run_dir"]),
+                             ("losses", "run_dir", "start_iteration"), tag=("resumed",))
 
     if rank == 0:
         ep2 = Path(out_dir) / "tiny-ep2"

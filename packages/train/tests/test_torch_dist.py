@@ -95,13 +95,6 @@ def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen2(tmp_path_factory):
-    from megatune.convert.testing import make_tiny_model
-
-    return make_tiny_model("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2", seed=0)
-
-
-@pytest.fixture(scope="module")
 def group(tiny_qwen2, tmp_path_factory):
     from megatune.convert.cli import main
 

@@ -11,13 +11,11 @@ process start-up are paid once; the whole module takes about a minute and a half
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import pytest
+from group_helpers import STEPS, rewind, run_bad_inputs, sft_argv, train_layouts
 from group_helpers import as_rank as _as_rank  # noqa: F401 - imported by the GPU tests too
-from group_helpers import rewind
 from megatune.train.distributed import free_port, run_local
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)]
@@ -26,29 +24,10 @@ EXTRA = {(2, 1, 1): {"sequence_parallel": "true"}, (1, 2, 1): {"recompute_granul
          (1, 1, 2): {"recompute_granularity": "none"}, (2, 2, 1): {"sequence_parallel": "true"}}
 PACKED = [(1, 1, 1), (1, 2, 1)]  # packed rows (document-masked attention) through no-pipelining and 1F1B
 RESUMED = [(1, 1, 1), (1, 2, 1)]
-STEPS = 20
-
-
-def sft_argv(model_dir, out_dir, **overrides) -> list[str]:
-    """A small, fast, fp32 `megatune sft` command line on the tiny model."""
-    flags = {
-        "model_id_or_path": str(model_dir), "dataset": "self-cognition#80", "model_name": ["小黄", "Xiao Huang"],
-        "model_author": ["魔搭", "ModelScope"], "max_length": 64, "learning_rate": 1e-3, "batch_size": 1,
-        "global_batch_size": 4, "max_steps": STEPS, "logging_steps": 1, "eval_steps": 1000, "save_steps": 10,
-        "dtype": "fp32", "dataset_test_ratio": 0.0, "output_dir": str(out_dir), "seed": 7,
-    }
-    flags.update(overrides)
-    argv = []
-    for key, value in flags.items():
-        argv.append(f"--{key}")
-        argv.extend(str(v) for v in value) if isinstance(value, list) else argv.append(str(value))
-    return argv
 
 
 def _bad_inputs(model_dir: str, out_dir: str, tp2_run: str) -> dict[str, tuple[int, str]]:
     """name -> (exit code, stderr) of `megatune sft` on bad input, single process."""
-    from megatune.train import cli
-
     blocker = Path(out_dir) / "a-file"
     blocker.write_text("")
     cases = {
@@ -60,52 +39,30 @@ def _bad_inputs(model_dir: str, out_dir: str, tp2_run: str) -> dict[str, tuple[i
         "missing_checkpoint": (1, sft_argv(model_dir, out_dir, resume_from_checkpoint=str(blocker) + "-nope")),
         "unknown_flag": (1, [*sft_argv(model_dir, out_dir), "--learning_rat", "1"]),
     }
-    out = {}
-    for name, (world, argv) in cases.items():
-        _as_rank(0, world, free_port())
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            code = cli.main(argv)
-        out[name] = (code, err.getvalue())
-    return out
+    return run_bad_inputs(cases)
 
 
 def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]) -> dict:
-    from megatune.train import cli
+    def argv(tp, pp, dp, **flags):
+        return sft_argv(model_dir, out_dir, tp=tp, pp=pp, **EXTRA.get((tp, pp, dp), {}), **flags)
 
-    results: dict = {}
-    for (tp, pp, dp), port in zip(LAYOUTS, ports):
-        if rank < tp * pp * dp:
-            _as_rank(rank, tp * pp * dp, port)
-            res = cli.run(sft_argv(model_dir, out_dir, tp=tp, pp=pp, **EXTRA.get((tp, pp, dp), {})), progress=False)
-            results[(tp, pp, dp)] = {k: res[k] for k in ("losses", "run_dir", "tp", "pp", "dp", "last_saved")}
-
+    results = train_layouts(rank, LAYOUTS, ports, argv, ("losses", "run_dir", "tp", "pp", "dp", "last_saved"))
     # the run dirs now look as if the save of iteration 20 never happened
     rewind(rank, out_dir, [results[layout]["run_dir"] for layout in RESUMED] if rank == 0 else [], 10)
-    for (tp, pp, dp), port in zip(RESUMED, ports[len(LAYOUTS):]):
-        if rank < tp * pp * dp:
-            _as_rank(rank, tp * pp * dp, port)
-            source = results[(tp, pp, dp)]["run_dir"]
-            res = cli.run(sft_argv(model_dir, out_dir, tp=tp, pp=pp, resume_from_checkpoint=source), progress=False)
-            results[("resumed", tp, pp, dp)] = {k: res[k] for k in ("losses", "run_dir", "start_iteration")}
+    results |= train_layouts(rank, RESUMED, ports[len(LAYOUTS):],
+                             lambda tp, pp, dp: sft_argv(model_dir, out_dir, tp=tp, pp=pp,
+                                                         resume_from_checkpoint=results[(tp, pp, dp)]["run_dir"]),
+                             ("losses", "run_dir", "start_iteration"), tag=("resumed",))
 
-    for (tp, pp, dp), port in zip(PACKED, ports[len(LAYOUTS) + len(RESUMED):]):
-        if rank < tp * pp * dp:
-            _as_rank(rank, tp * pp * dp, port)
-            res = cli.run(sft_argv(model_dir, out_dir, tp=tp, pp=pp, packing="true", max_length=128, max_steps=6,
-                                   global_batch_size=2), progress=False)
-            results[("packed", tp, pp, dp)] = res["losses"]
+    packed = train_layouts(rank, PACKED, ports[len(LAYOUTS) + len(RESUMED):],
+                           lambda tp, pp, dp: sft_argv(model_dir, out_dir, tp=tp, pp=pp, packing="true",
+                                                       max_length=128, max_steps=6, global_batch_size=2),
+                           ("losses",), tag=("packed",))
+    results |= {key: run["losses"] for key, run in packed.items()}
 
     if rank == 0:
         results["bad"] = _bad_inputs(model_dir, out_dir, results[(2, 1, 1)]["run_dir"])
     return results
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2(tmp_path_factory):
-    from megatune.convert.testing import make_tiny_model
-
-    return make_tiny_model("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2", seed=0)
 
 
 @pytest.fixture(scope="module")
