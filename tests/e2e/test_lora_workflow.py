@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import megatune
+from conftest import chat, megatune, seed_sft, tiny_hf
 
 MODEL_TYPE = "qwen2-7b-instruct"
-NAME = ["小黄", "Xiao Huang"]
-AUTHOR = ["魔搭", "ModelScope"]
-QUESTIONS = "who are you?\nclear\n你是谁？\nexit\n"
 
 
 def _answers(chat: str) -> tuple[str, str]:
@@ -24,30 +21,21 @@ def _answers(chat: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def lora_workflow(tmp_path_factory, sft_file):
-    from megatune.convert.testing import make_tiny_model
-
     work = tmp_path_factory.mktemp("lora-workflow")
-    hf = make_tiny_model("qwen2", work / "tiny-qwen2", hidden_size=128, intermediate_size=256,
-                         num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    hf = tiny_hf("qwen2", work, intermediate_size=256)
     megatune("export", "--model_type", MODEL_TYPE, "--model_id_or_path", str(hf), "--to_megatron", "true",
              "--tp", "2", "--dtype", "fp32", cwd=work)
     base = work / f"{MODEL_TYPE}-tp2-pp1"
-    megatune("sft", "--resume_from_checkpoint", str(base), "--sft_type", "lora", "--lora_target_modules", "ALL",
-             "--lora_rank", "16", "--lora_alpha", "32", "--dataset", f"{sft_file}#40", "self-cognition#500",
-             "--max_length", "2048", "--learning_rate", "1e-2", "--min_lr", "1e-3", "--num_train_epochs", "6",
-             "--batch_size", "2", "--gradient_accumulation_steps", "4", "--eval_steps", "100", "--save_steps", "150",
-             "--output_dir", "output", "--model_name", *NAME, "--model_author", *AUTHOR,
-             "--train_backend", "megatron", env={"CUDA_VISIBLE_DEVICES": "0,1", "NPROC_PER_NODE": "2"}, cwd=work)
-    run = next((work / "output" / f"{MODEL_TYPE}-tp2-pp1").glob("v*-*"))
+    run, _ = seed_sft(work, base, sft_file, "--sft_type", "lora", "--lora_target_modules", "ALL", "--lora_rank", "16",
+                      "--lora_alpha", "32", "--learning_rate", "1e-2", "--min_lr", "1e-3", "--num_train_epochs", "6",
+                      "--gradient_accumulation_steps", "4", nproc=2)
     megatune("export", "--ckpt_dir", str(run), "--to_hf", "true", cwd=work)
     megatune("export", "--ckpt_dir", str(run), "--to_hf", "true", "--merge_lora", "false", "--model_id_or_path",
              str(hf), cwd=work)
     steps = {"hf": hf, "base": base, "run": run, "merged": run / f"{MODEL_TYPE}-hf",
              "adapter": run / f"{MODEL_TYPE}-lora"}
-    steps["chat_merged"] = megatune("infer", "--ckpt_dir", str(steps["merged"]), "--max_new_tokens", "40",
-                                    stdin=QUESTIONS, cwd=work).stdout
-    steps["chat_adapter"] = megatune("infer", "--ckpt_dir", str(steps["adapter"]), "--max_new_tokens", "40",
-                                     stdin=QUESTIONS, cwd=work).stdout
+    steps["chat_merged"] = chat(work, steps["merged"])
+    steps["chat_adapter"] = chat(work, steps["adapter"])
     return steps
 
 

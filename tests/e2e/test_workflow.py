@@ -16,42 +16,26 @@ import sys
 
 import pytest
 import torch
-from conftest import megatune
+from conftest import AUTHOR, NAME, chat, megatune, seed_sft, tiny_hf
 from megatune.train.launch import free_port
 
 MODEL_TYPE = "qwen2-7b-instruct"  # the seed's model type; the weights are a tiny local qwen2
-NAME = ["小黄", "Xiao Huang"]
-AUTHOR = ["魔搭", "ModelScope"]
 
 
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory, sft_file, eval_data):
-    from megatune.convert.testing import make_tiny_model
-
     work = tmp_path_factory.mktemp("workflow")
-    hf = make_tiny_model("qwen2", work / "tiny-qwen2", hidden_size=128, intermediate_size=256,
-                         num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    hf = tiny_hf("qwen2", work, intermediate_size=256)
     steps = {"hf": hf}
     megatune("export", "--model_type", MODEL_TYPE, "--model_id_or_path", str(hf), "--to_megatron", "true",
              "--tp", "2", "--dtype", "fp32", cwd=work)
     steps["megatron"] = work / f"{MODEL_TYPE}-tp2-pp1"
-
-    steps["sft_log"] = megatune(
-        "sft", "--resume_from_checkpoint", str(steps["megatron"]),
-        "--dataset", f"{sft_file}#40", "self-cognition#500",
-        "--max_length", "2048", "--learning_rate", "2e-3", "--min_lr", "2e-4", "--num_train_epochs", "3",
-        "--batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_steps", "100", "--save_steps", "150",
-        "--output_dir", "output", "--model_name", *NAME, "--model_author", *AUTHOR, "--train_backend", "megatron",
-        env={"CUDA_VISIBLE_DEVICES": "0,1,2,3", "NPROC_PER_NODE": "4"}, cwd=work).stdout
-    runs = sorted((work / "output" / f"{MODEL_TYPE}-tp2-pp1").glob("v*-*"))
-    assert len(runs) == 1, f"expected one run dir, found {runs}"
-    steps["run"] = runs[0]
-
+    steps["run"], steps["sft_log"] = seed_sft(work, steps["megatron"], sft_file, "--learning_rate", "2e-3", "--min_lr",
+                                              "2e-4", "--num_train_epochs", "3", "--gradient_accumulation_steps", "1",
+                                              nproc=4)
     megatune("export", "--ckpt_dir", str(steps["run"]), "--to_hf", "true", cwd=work)
     steps["hf_out"] = steps["run"] / f"{MODEL_TYPE}-hf"
-
-    steps["chat"] = megatune("infer", "--ckpt_dir", str(steps["hf_out"]), "--max_new_tokens", "40",
-                             stdin="who are you?\nclear\n你是谁？\nexit\n", cwd=work).stdout
+    steps["chat"] = chat(work, steps["hf_out"])
     steps["eval_dir"] = work / "eval"
     steps["eval"] = megatune("eval", "--ckpt_dir", str(steps["hf_out"]), "--eval_dataset", "ceval", "mmlu", "gsm8k",
                              "arc", "--eval_backend", "Native", "--eval_data_dir", str(eval_data), "--eval_limit", "2",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from megatune.convert.cli import main
+from megatune.convert.testing import default_sigint
 from safetensors.torch import load_file, save_file
 
 
@@ -229,7 +230,7 @@ def test_interrupted_export_exit_code_and_cleanup(hf, tmp_path, sig, code):
     out = tmp_path / "o"
     p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SLOW_EXPORT), "--model_id_or_path", str(hf),
                           "--to_megatron", "true", "--megatron_output_dir", str(out)],
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     assert p.stderr.readline().strip() == "writing"
     p.send_signal(sig)
     err = p.stderr.read()

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from megatune.convert.testing import default_sigint
 from megatune.evaluate import infer, report, runner
 from megatune.evaluate.cli import eval_main, infer_main
 from megatune.evaluate.engine import Sampling
@@ -26,7 +27,7 @@ def _err(capsys) -> str:
 
 def _python_m(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "megatune.evaluate", *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint, **kw)
 
 
 # ---------------------------------------------------------------- 7: not UTF-8

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import bench_megatune, fmt, launch  # noqa: E402
+from bench_train import bench_megatune, fmt, launch, print_rows  # noqa: E402
 from hf_baseline import H200_BF16_PEAK, flops_per_token, time_steps  # noqa: E402
 
 
@@ -124,15 +124,7 @@ def main() -> None:
         rows += ep2
     (out / "bench_moe.json").write_text(json.dumps({"date": date, "gpu": gpu, "args": vars(a), "rows": rows},
                                                    indent=1))
-    for r in rows:
-        if r.get("top_kernels"):
-            print(f"\ntop CUDA kernels, {r['name']} (ms total, calls; step {1e3 * r['step_s']:.0f} ms, GPU busy "
-                  f"{100 * r.get('gpu_busy', 0):.1f}%):")
-            for name, ms, count in r["top_kernels"]:
-                print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
-    print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
-    for r in rows:
-        print(fmt(r))
+    print_rows(rows)
     if one:
         m = one[0]
         if hf_rows:

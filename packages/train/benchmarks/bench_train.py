@@ -212,6 +212,19 @@ def fmt(r: dict) -> str:
             f"{r['peak_mem_gb']:>8.1f}")
 
 
+def print_rows(rows: list[dict]) -> None:
+    """The profiled rows' top CUDA kernels, then one line a row (fmt)."""
+    for r in rows:
+        if r.get("top_kernels"):
+            print(f"\ntop CUDA kernels, {r['name']}, 2 profiled steps (ms total, calls; step {1e3 * r['step_s']:.0f} ms, "
+                  f"GPU busy {100 * r.get('gpu_busy', 0):.1f}%):")
+            for name, ms, count in r["top_kernels"]:
+                print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
+    print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
+    for r in rows:
+        print(fmt(r))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="qwen2-1.5b")
@@ -270,15 +283,7 @@ def main() -> None:
         rows += dp
     (out / "bench_train.json").write_text(json.dumps({"date": date, "gpu": gpu, "args": vars(a), "rows": rows},
                                                      indent=1))
-    for r in rows:
-        if r.get("top_kernels"):
-            print(f"\ntop CUDA kernels, {r['name']}, 2 profiled steps (ms total, calls; step {1e3 * r['step_s']:.0f} ms, "
-                  f"GPU busy {100 * r.get('gpu_busy', 0):.1f}%):")
-            for name, ms, count in r["top_kernels"]:
-                print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
-    print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
-    for r in rows:
-        print(fmt(r))
+    print_rows(rows)
     if hf and one:
         m = one[0]
         print(f"megatune / strongest peer ({hf['name']}) tokens/s = {m['tokens_per_s'] / hf['tokens_per_s']:.2f}x "

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from megatune.convert.testing import default_sigint
 from test_train_parallel import sft_argv
 
 STEPS, SAVE = 80, 40
@@ -163,7 +164,8 @@ def test_exit_codes_follow_the_convention(tmp_path):
     for sig, code, words in ((signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")):
         out = tmp_path / f"out-{code}"
         proc = subprocess.Popen([*base, *sft_argv(model, out, max_steps=100000, save_steps=100000)], env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_sigint)
         deadline = time.time() + 240
         while not list(out.glob("*/v*/logging.jsonl")) or not list(out.glob("*/v*/logging.jsonl"))[0].read_text():
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
