@@ -41,7 +41,7 @@ def _install(session: nox.Session, target: str) -> None:
 
 
 def _pytest(session: nox.Session, path: str) -> None:
-    session.run("pytest", path, "-q", "-p", "no:cacheprovider", "--timeout=1800", *session.posargs)
+    session.run("pytest", path, "-q", "-p", "no:cacheprovider", "--timeout=1800", "--durations=8", *session.posargs)
 
 
 @nox.session
