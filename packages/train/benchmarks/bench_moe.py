@@ -119,8 +119,8 @@ def main() -> None:
     rows += one
     ep2 = []
     if "ep2" in a.multi.split(",") and n_gpu >= 2:
-        ep2 = launch(2, dict(spec, cfg=qwen3_moe_config(a.ep2_layers), variants=[{"ep": 2, "accum": a.accum}]), out, "megatune_moe_ep2",
-                     a.timeout)
+        ep2_spec = dict(spec, cfg=qwen3_moe_config(a.ep2_layers), variants=[{"ep": 2, "accum": a.accum}])
+        ep2 = launch(2, ep2_spec, out, "megatune_moe_ep2", a.timeout)
         rows += ep2
     (out / "bench_moe.json").write_text(json.dumps({"date": date, "gpu": gpu, "args": vars(a), "rows": rows},
                                                    indent=1))

@@ -207,7 +207,8 @@ def launch(n: int, spec: dict, out_dir: Path, name: str, timeout: int) -> list[d
 
 def fmt(r: dict) -> str:
     if r.get("oom"):
-        return f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {'OOM':>10} {'-':>7} {'> ' + format(r['peak_mem_gb'], '.0f'):>8}"
+        more_than = f"> {r['peak_mem_gb']:.0f}"
+        return f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {'OOM':>10} {'-':>7} {more_than:>8}"
     return (f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% "
             f"{r['peak_mem_gb']:>8.1f}")
 
@@ -216,8 +217,8 @@ def print_rows(rows: list[dict]) -> None:
     """The profiled rows' top CUDA kernels, then one line a row (fmt)."""
     for r in rows:
         if r.get("top_kernels"):
-            print(f"\ntop CUDA kernels, {r['name']}, 2 profiled steps (ms total, calls; step {1e3 * r['step_s']:.0f} ms, "
-                  f"GPU busy {100 * r.get('gpu_busy', 0):.1f}%):")
+            print(f"\ntop CUDA kernels, {r['name']}, 2 profiled steps (ms total, calls; step "
+                  f"{1e3 * r['step_s']:.0f} ms, GPU busy {100 * r.get('gpu_busy', 0):.1f}%):")
             for name, ms, count in r["top_kernels"]:
                 print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
     print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from group_helpers import as_rank as _as_rank
+from group_helpers import sft_argv
 from megatune.train.distributed import free_port, run_local
-from test_train_parallel import _as_rank, sft_argv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

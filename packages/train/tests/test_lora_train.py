@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 from group_helpers import STEPS, rewind, train_layouts
-from group_helpers import as_rank as _as_rank  # noqa: F401 - imported by the GPU tests too
 from group_helpers import sft_argv as base_argv
 from megatune.train.distributed import free_port, run_local
 
@@ -41,9 +40,11 @@ def _group(rank: int, world: int, model_dir: str, out_dir: str, ports: list[int]
 
     results = train_layouts(rank, LAYOUTS, ports, argv, ("losses", "run_dir", "tp", "pp", "dp"))
     rewind(rank, out_dir, [results[layout]["run_dir"] for layout in RESUMED] if rank == 0 else [], 10)
-    results |= train_layouts(rank, RESUMED, ports[len(LAYOUTS):],
-                             lambda tp, pp, dp: argv(tp, pp, dp, resume_from_checkpoint=results[(tp, pp, dp)]["run_dir"]),
-                             ("losses", "run_dir", "start_iteration"), tag=("resumed",))
+    def resumed(tp, pp, dp):
+        return argv(tp, pp, dp, resume_from_checkpoint=results[(tp, pp, dp)]["run_dir"])
+
+    results |= train_layouts(rank, RESUMED, ports[len(LAYOUTS):], resumed, ("losses", "run_dir", "start_iteration"),
+                             tag=("resumed",))
     return results
 
 

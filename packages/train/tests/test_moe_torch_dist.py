@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import moe_helpers as H
 import pytest
-from group_helpers import rewind, run_bad_inputs
+from group_helpers import as_rank as _as_rank
+from group_helpers import rewind, run_bad_inputs, sft_argv
 from megatune.train.distributed import free_port
 from test_torch_dist import spawn  # non-daemon ranks: megatron-core's torch_dist writer forks processes
-from test_train_parallel import _as_rank, sft_argv
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 FLAGS = {"ckpt_format": "torch_dist", "max_steps": 10, "save_steps": 5, "moe_z_loss_coeff": 1e-3}

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import moe_helpers as H
 import pytest
-from group_helpers import STEPS, rewind, run_bad_inputs, train_layouts
+from group_helpers import STEPS, rewind, run_bad_inputs, sft_argv, train_layouts
+from group_helpers import as_rank as _as_rank
 from megatune.train.distributed import free_port, run_local
-from test_train_parallel import _as_rank, sft_argv
 
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2)]
 EXTRA = {(1, 1, 1): {"moe_token_dispatcher_type": "allgather"}, (1, 1, 2): {"moe_grouped_gemm": "false"},
@@ -64,9 +64,11 @@ def _group(rank: int, world: int, model_dir: str, dense_dir: str, out_dir: str, 
             run["aux"] = _aux_curve(run["run_dir"])
     # the run dirs now look as if the save of iteration 20 never happened
     rewind(rank, out_dir, [results[layout]["run_dir"] for layout in RESUMED] if rank == 0 else [], 10)
-    results |= train_layouts(rank, RESUMED, ports[len(LAYOUTS):],
-                             lambda tp, pp, ep: argv(tp, pp, ep, resume_from_checkpoint=results[(tp, pp, ep)]["run_dir"]),
-                             ("losses", "run_dir", "start_iteration"), tag=("resumed",))
+    def resumed(tp, pp, ep):
+        return argv(tp, pp, ep, resume_from_checkpoint=results[(tp, pp, ep)]["run_dir"])
+
+    results |= train_layouts(rank, RESUMED, ports[len(LAYOUTS):], resumed, ("losses", "run_dir", "start_iteration"),
+                             tag=("resumed",))
 
     if rank == 0:
         ep2 = Path(out_dir) / "tiny-ep2"

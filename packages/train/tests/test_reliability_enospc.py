@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_parallel import sft_argv
+from group_helpers import sft_argv
 
 STAGING = ".iter_0000004.tmp"  # where the disk is full: the staging dir of iteration 4 (or a part of it)
 INJECT = '''

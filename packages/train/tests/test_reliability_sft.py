@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train_parallel import sft_argv
+from group_helpers import sft_argv
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_parallel import sft_argv
+from group_helpers import sft_argv
 
 
 def _children() -> dict[int, list[int]]:

@@ -23,10 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 from group_helpers import as_rank as _as_rank
-from group_helpers import rewind
+from group_helpers import rewind, sft_argv
 from megatune.train.distributed import free_port
 from safetensors.torch import load_file
-from test_train_parallel import sft_argv
 
 STEPS, SAVE_AT = 8, 4
 RESUMED = [(1, 2, 2), (1, 1, 4)]

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+from group_helpers import sft_argv
 from megatune.train.async_save import WRITE_SLEEP_ENV
-from test_train_parallel import sft_argv
 
 TIMEOUT = 600
 

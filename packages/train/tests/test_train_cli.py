@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+from group_helpers import sft_argv
 from megatune.convert.testing import default_sigint
-from test_train_parallel import sft_argv
 
 STEPS, SAVE = 80, 40
 

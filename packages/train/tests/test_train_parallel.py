@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from group_helpers import STEPS, rewind, run_bad_inputs, sft_argv, train_layouts
-from group_helpers import as_rank as _as_rank  # noqa: F401 - imported by the GPU tests too
 from megatune.train.distributed import free_port, run_local
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)]
