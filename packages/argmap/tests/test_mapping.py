@@ -25,6 +25,7 @@ CUSTOM = dict(
     num_train_epochs=3, warmup_steps=0, warmup_ratio=0.1, save_only_model=True, dataset=["d.jsonl"],
     expert_model_parallel_size=2, moe_router_topk=4, moe_aux_loss_coeff=0.02, moe_z_loss_coeff=1e-3,
     moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", ckpt_format="torch_dist", async_save=True,
+    fp8_format="hybrid", fp8_recipe="tensorwise", fp8_amax_history_len=16, fp8_amax_compute_algo="most_recent",
 )
 # world 16 = tp 2 x pp 2 x dp 4; global batch 2 x 4 x 4 = 32; train ceil(1000 x 3 / 32) = 94; eval ceil(70/32) = 3
 EXPECTED = dict(
@@ -39,6 +40,7 @@ EXPECTED = dict(
     loss_scale=None, initial_loss_scale=2.0**16,
     expert_model_parallel_size=2, moe_router_topk=4, moe_aux_loss_coeff=0.02, moe_z_loss_coeff=1e-3,
     moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", ckpt_format="torch_dist", async_save=True,
+    fp8="hybrid", fp8_recipe="tensorwise", fp8_amax_history_len=16, fp8_amax_compute_algo="most_recent",
 )
 
 

@@ -114,9 +114,10 @@ def main() -> None:
             torch.cuda.empty_cache()
     hf_rows = list(rows)
     spec = {"cfg": cfg, "tp": 1, "seq": a.seq, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
-            "variants": [{"accum": a.accum}], "profile": True}
+            "variants": [{"accum": n} for n in sorted({1, a.accum})], "profile": "all"}  # both profiled
     one = launch(1, spec, out, "megatune_moe_1gpu", a.timeout)
     rows += one
+    one = [r for r in one if not r.get("error")][-1:]  # the row at --accum (its HF rows ran the same accumulation)
     ep2 = []
     if "ep2" in a.multi.split(",") and n_gpu >= 2:
         ep2_spec = dict(spec, cfg=qwen3_moe_config(a.ep2_layers), variants=[{"ep": 2, "accum": a.accum}])

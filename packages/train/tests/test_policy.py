@@ -12,7 +12,7 @@ import torch
 from megatune.argmap import ArgumentError, SftArguments
 from megatune.train.errors import TrainError
 from megatune.train.plan import Parallel, Source, refuse_unsupported, resolve_parallel, resolve_plan
-from megatune.train.policy import Machine, Request, resolve_policy
+from megatune.train.policy import Fp8, Machine, Request, resolve_policy
 
 GPU2, CPU = Machine(cuda=True, gpus=2), Machine(cuda=False)
 TRAIN = Path(__file__).resolve().parents[1] / "src" / "megatune" / "train"
@@ -50,7 +50,35 @@ def test_use_flash_attn_selects_the_attention_kernels(flag, attention, flex):
         pass
 
 
+def test_gpu_auto_attention_puts_cudnn_first():
+    """torch's own order prefers its flash kernel; on an H200 cuDNN's was 1.8x faster in the backward pass, and torch
+    stopped picking it once Transformer Engine was imported (BENCHMARKS.md). CPU keeps torch's choice."""
+    from torch.nn.attention import SDPBackend
+
+    before = torch._C._get_sdp_priority_order()
+    with resolve_policy(Request(), GPU2, dp=1).attention_kernels():
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch._C._get_sdp_priority_order() == before
+    with resolve_policy(Request(precision="fp32", distributed_optimizer=False), CPU, dp=1).attention_kernels():
+        assert torch._C._get_sdp_priority_order() == before
+
+
+def test_fp8_needs_the_te_spec_and_reaches_the_transformer_config(monkeypatch):
+    from megatune.train import policy
+
+    monkeypatch.setattr(policy, "_te_importable", lambda: True)
+    sft = SftArguments(transformer_impl="te", fp8_format="hybrid", fp8_recipe="tensorwise")
+    p = resolve_policy(Request.from_args(sft), GPU2, dp=1)
+    assert (p.layer_spec, p.fp8) == ("te", policy.Fp8("hybrid", "tensorwise", 1024, "max"))
+    assert p.fp8.transformer_fields() == {"fp8": "hybrid", "fp8_recipe": "tensorwise", "fp8_amax_history_len": 1024,
+                                          "fp8_amax_compute_algo": "max"}
+    assert resolve_policy(Request.from_args(SftArguments()), GPU2, dp=1).fp8 is None
+
+
 @pytest.mark.parametrize(("request_", "machine", "words"), [
+    (Request(fp8=Fp8()), GPU2, "--transformer_impl te"),
+    (Request(fp8=Fp8(), transformer_impl="te", precision="fp32"), GPU2, "--dtype bf16"),
     (Request(use_flash_attn=True), CPU, "--use_flash_attn true"),
     (Request(transformer_impl="te"), CPU, "--transformer_impl te"),
     (Request(transformer_impl="te", packing=True), GPU2, "--packing"),

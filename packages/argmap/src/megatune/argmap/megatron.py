@@ -106,6 +106,10 @@ class MegatronArguments:
     use_flash_attn: bool | None = False  # None: let megatune's layer spec decide (swift's "auto")
     transformer_impl: str = "transformer_engine"  # or "local"
     recompute_granularity: str | None = None
+    fp8: str | None = None  # Megatron-LM's --fp8-format lands in args.fp8
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
     # checkpoints and logs
     load: str | None = None
     save: str | None = None

@@ -127,6 +127,14 @@ class SftArguments:
     transformer_impl: Literal["native", "te"] = _f(
         "native", "layer spec: native (torch SDPA, compiled norm/RoPE/SwiGLU; measured faster on H200, BENCHMARKS.md) "
         "or te (Transformer Engine, must be installed) [Megatron-LM --transformer-impl]")
+    fp8_format: Literal["e4m3", "hybrid"] | None = _f(
+        None, "FP8 training through Transformer Engine (needs --transformer_impl te and a Hopper-or-newer GPU): "
+        "hybrid = e4m3 forward, e5m2 gradients; unset = bf16/fp16 [swift-meg] [Megatron-LM --fp8-format]")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = _f(
+        "delayed", "FP8 scaling: delayed (amax history), tensorwise (current scaling), blockwise, mxfp8 (Blackwell) "
+        "[swift-meg]")
+    fp8_amax_history_len: int = _f(1024, "amax history of the delayed recipe [swift-meg]")
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = _f("max", "amax of the history (delayed recipe) [swift-meg]")
     # logging and checkpoints
     seed: int = _f(42, "[swift2.5]")
     output_dir: str = _f("output", "[swift2.5]")

@@ -205,6 +205,12 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
         # compiled SwiGLU (megatron-core's bias_swiglu_impl) and our compiled RoPE in place of TE's (fused.py)
         fast = {"bias_activation_fusion": True, "apply_rope_fusion": fused.register_rope()}
         config_overrides = {**fast, **config_overrides}
+    elif spec == "te" and policy.device_type == "cuda":
+        # TE's fused RoPE kernel and megatron-core's compiled SwiGLU: without them the TE spec ran both as chains of
+        # eager elementwise kernels (Megatron-LM's --apply-rope-fusion / --bias-swiglu-fusion; BENCHMARKS.md)
+        config_overrides = {"bias_activation_fusion": True, "apply_rope_fusion": True, **config_overrides}
+    if policy.fp8 is not None:  # TE layers only (the policy refuses FP8 with the native spec)
+        config_overrides = {**policy.fp8.transformer_fields(), **config_overrides}
     config = transformer_config(hf_config, tp=tp, pp=pp, params_dtype=params_dtype,
                                 sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity,
                                 layers_per_stage=layers_per_stage, **config_overrides)

@@ -48,6 +48,21 @@ class Machine:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fp8:
+    """FP8 training through Transformer Engine (Megatron-LM's --fp8-format / --fp8-recipe / --fp8-amax-*)."""
+
+    format: Literal["e4m3", "hybrid"] = "hybrid"
+    recipe: str = "delayed"
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+
+    def transformer_fields(self) -> dict:
+        """megatron-core TransformerConfig fields (its TE layers then run their GEMMs in FP8)."""
+        return {"fp8": self.format, "fp8_recipe": self.recipe, "fp8_amax_history_len": self.amax_history_len,
+                "fp8_amax_compute_algo": self.amax_compute_algo}
+
+
+@dataclasses.dataclass(frozen=True)
 class DevicePolicy:
     device_type: Literal["cuda", "cpu"]
     backend: Literal["nccl", "gloo"]
@@ -60,6 +75,7 @@ class DevicePolicy:
     fused_loss: bool
     compiled_kernels: bool
     cpu_init: bool
+    fp8: Fp8 | None = None  # FP8 GEMMs (TE spec only); batches then pad to a multiple of 16 tokens
     notes: tuple[str, ...] = ()  # fallbacks the user should hear about (printed once, by rank 0)
 
     @property
@@ -85,10 +101,13 @@ class DevicePolicy:
 
     def attention_kernels(self):
         """Context manager restricting SDPA to this policy's kernels (a no-op for 'auto')."""
-        if self.attention == "auto":
+        if self.attention == "auto" and self.device_type == "cpu":
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        if self.attention == "auto":  # cuDNN first: torch's own pick turned to its slower flash kernel once TE loaded
+            return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                SDPBackend.MATH], set_priority=True)
         if self.attention == "flash":
             return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION])
         return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
@@ -104,13 +123,16 @@ class Request:
     transformer_impl: Literal["native", "te"] = "native"
     packing: bool = False
     adam: bool = True
+    fp8: Fp8 | None = None
 
     @classmethod
     def from_args(cls, sft) -> Request:
         """From SftArguments (precision already resolved from --dtype/--bf16/--fp16 by argmap)."""
+        fp8 = None if sft.fp8_format is None else Fp8(sft.fp8_format, sft.fp8_recipe, sft.fp8_amax_history_len,
+                                                       sft.fp8_amax_compute_algo)
         return cls(precision="fp16" if sft.fp16 else "bf16" if sft.bf16 else "fp32",
                    distributed_optimizer=bool(sft.use_distributed_optimizer), use_flash_attn=sft.use_flash_attn,
-                   transformer_impl=sft.transformer_impl, packing=bool(sft.packing), adam=sft.optim != "sgd")
+                   transformer_impl=sft.transformer_impl, packing=bool(sft.packing), adam=sft.optim != "sgd", fp8=fp8)
 
 
 def _te_importable() -> bool:
@@ -122,6 +144,12 @@ def _te_importable() -> bool:
 
 
 def _layer_spec(req: Request, machine: Machine) -> str:
+    if req.fp8 is not None and req.transformer_impl != "te":
+        raise TrainError(f"--fp8_format {req.fp8.format}: FP8 runs through Transformer Engine's layers; add "
+                         f"--transformer_impl te (TE installed, Hopper-or-newer GPU) or leave --fp8_format unset")
+    if req.fp8 is not None and req.precision == "fp32":
+        raise TrainError(f"--fp8_format {req.fp8.format} with fp32: FP8 needs bf16 or fp16 master precision; pass "
+                         f"--dtype bf16 (the default) or --bf16 true")
     if req.transformer_impl != "te":
         return "native"
     if not machine.cuda:
@@ -148,7 +176,7 @@ def resolve_policy(req: Request, machine: Machine, dp: int) -> DevicePolicy:
         return DevicePolicy(
             device_type="cuda", backend="nccl", precision=precision, distributed_optimizer=req.distributed_optimizer,
             overlap_grad_reduce=dp > 1, fused_adamw=req.adam, layer_spec=spec, attention=attention, fused_loss=True,
-            compiled_kernels=spec == "native", cpu_init=False)
+            compiled_kernels=spec == "native", cpu_init=False, fp8=req.fp8)
     if attention == "flash":
         raise TrainError("--use_flash_attn true: flash attention kernels need a CUDA GPU; leave --use_flash_attn unset "
                          "(or false) on this machine")

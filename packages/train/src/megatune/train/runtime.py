@@ -75,8 +75,9 @@ def batch_iterator(dataset, *, mbs: int, num_micro_batches: int, dist, seed: int
                    policy: DevicePolicy, epochs=None):
     from megatune.train.data import BatchIterator
 
-    # sequence parallelism splits the sequence over TP ranks: lengths must divide by tp
-    multiple = 8 * dist.tp // math.gcd(8, dist.tp)
+    # sequence parallelism splits the sequence over TP ranks: lengths must divide by tp; FP8 GEMMs want 16 tokens
+    align = 16 if policy.fp8 is not None else 8
+    multiple = align * dist.tp // math.gcd(align, dist.tp)
     fixed = None
     if cfg.packing and policy.fixed_packed_length:
         # flex_attention is compiled for static shapes: one length for every packed batch (packed rows are nearly
