@@ -98,7 +98,15 @@ def dirs(tmp_path_factory):
     return {"fresh": str(fresh), "trained": str(trained)}
 
 
-def logits_worker(rank, world_size, layouts, d, ids):
+def te_importable() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken TE install counts as absent
+        return False
+    return True
+
+
+def logits_worker(rank, world_size, layouts, d, ids, spec="native"):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatune.train.checkpoint import load_pretrained
@@ -112,7 +120,7 @@ def logits_worker(rank, world_size, layouts, d, ids):
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             with torch.no_grad():
                 ref[name] = hf_model(d, dtype).eval()(ids.cuda()).logits.float()
-            model = build_model(d, tp=tp, pp=pp, params_dtype=dtype, spec="native")
+            model = build_model(d, tp=tp, pp=pp, params_dtype=dtype, spec=spec)
             load_pretrained(model, d)
             b, s = ids.shape
             pos = torch.arange(s, device="cuda").expand(b, s)
@@ -160,23 +168,37 @@ def test_logits_match_hf_tp2_pp2(dirs):
             assert m["argmax"] >= 0.99, f"tp{tp} pp{pp} bf16 argmax agreement {m['argmax']:.4f} < 0.99"
 
 
-def train_worker(rank, world_size, d, tp, datasets: dict) -> dict:
+@pytest.mark.parametrize("spec", ["native", "te"])
+def test_logits_match_hf_one_gpu(dirs, spec):
+    """tp1 pp1 on one GPU, for both layer specs (the TE spec with its fused RoPE / SwiGLU, as build_model gives it)."""
+    from megatune.train.distributed import run_local
+
+    if spec == "te" and not te_importable():
+        pytest.skip("transformer_engine is not importable")
+    results = run_local(1, logits_worker, [(1, 1)], dirs["trained"], data(4)[:, :SEQ], spec, timeout=600)[0]
+    print(spec, results)
+    assert results[(1, 1, "fp32")]["max_abs"] <= 1e-3, f"{spec} fp32 logits differ from HF: {results}"
+    assert results[(1, 1, "bf16")]["argmax"] >= 0.99, f"{spec} bf16 argmax agreement < 0.99: {results}"
+
+
+def train_worker(rank, world_size, d, tp, datasets: dict, spec: str = "native", fp8: str | None = None) -> dict:
     from megatune.argmap import MegatronArguments
     from megatune.train import optim, runtime, steps
     from megatune.train.checkpoint import load_pretrained
     from megatune.train.distributed import init_distributed
     from megatune.train.model import build_model
-    from megatune.train.policy import Machine, Request, resolve_policy
+    from megatune.train.policy import Fp8, Machine, Request, install, resolve_policy
 
     dist = init_distributed(tp, 1)
-    policy = resolve_policy(Request(precision="bf16"), Machine.detect(), dist.dp)
+    policy = install(resolve_policy(Request(precision="bf16", transformer_impl=spec,
+                                            fp8=Fp8("hybrid", fp8) if fp8 else None), Machine.detect(), dist.dp))
     margs = MegatronArguments(bf16=True, fp16=False, use_distributed_optimizer=True, optimizer="adam", lr=LR,
                                   min_lr=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
                                   clip_grad=1.0, global_batch_size=GBS, train_iters=STEPS, lr_decay_style="constant",
                                   lr_warmup_iters=0, loss_scale=None)
     curves = {}
     for name, seqs in datasets.items():
-        chunks = build_model(d, tp=tp, pp=1, params_dtype=torch.bfloat16, spec="native", sequence_parallel=tp > 1)
+        chunks = build_model(d, tp=tp, pp=1, params_dtype=torch.bfloat16, sequence_parallel=tp > 1)
         load_pretrained(chunks, d)
         model = runtime.wrap_model(chunks, policy)
         optimizer = optim.build_optimizer(model, margs, policy)
@@ -212,3 +234,27 @@ def test_training_curve_matches_hf(dirs):
               f" mean rel diff {mean_rel[name]:.4f}")
         assert ref[-1] < 0.8 * ref[0], f"{name}: HF loss did not fall ({ref[0]:.3f} -> {ref[-1]:.3f}): no signal"
     assert mean_rel["text"] <= 0.02, f"text: mean relative loss difference {mean_rel['text']:.4f} > 2%"
+
+
+@pytest.mark.parametrize("fp8", [None, "delayed", "tensorwise"])
+def test_te_training_curve_matches_hf(dirs, fp8):
+    """The TE spec (`--transformer_impl te`), in bf16 and with FP8 GEMMs (`--fp8_format hybrid --fp8_recipe R`),
+    on the text curve of test_training_curve_matches_hf: mean relative loss difference to HF <= 2%, the bar of the
+    native spec; the FP8 curve's distance to the TE bf16 curve is printed (the issue's aim: <= 1%)."""
+    from megatune.train.distributed import run_local
+
+    if not te_importable():
+        pytest.skip("transformer_engine is not importable")
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need an Ada/Hopper-or-newer GPU")
+    seqs = {"text": text_data(dirs["fresh"])}
+    ours = run_local(1, train_worker, dirs["fresh"], 1, seqs, "te", fp8, timeout=600)[0]["text"]
+    ref, _ = hf_train(dirs["fresh"], STEPS, LR, seqs["text"])
+    rel = [abs(a - b) / b for a, b in zip(ours, ref)]
+    print(f"te fp8={fp8}: {[round(x, 3) for x in ours[::10]]} HF {[round(x, 3) for x in ref[::10]]} "
+          f"mean rel diff {sum(rel) / len(rel):.4f}")
+    if fp8:
+        bf16 = run_local(1, train_worker, dirs["fresh"], 1, seqs, "te", None, timeout=600)[0]["text"]
+        vs = [abs(a - b) / b for a, b in zip(ours, bf16)]
+        print(f"te fp8={fp8} vs te bf16: mean rel diff {sum(vs) / len(vs):.4f}, max {max(vs):.4f}")
+    assert sum(rel) / len(rel) <= 0.02, f"te fp8={fp8}: mean relative loss difference to HF {sum(rel) / len(rel):.4f}"
