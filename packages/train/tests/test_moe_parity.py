@@ -73,3 +73,26 @@ def test_logits_match_hf_tp2_ep2_and_pp2_ep2(ids):
     layouts = [(2, 1, 2, "grouped"), (1, 2, 2, "grouped")]
     results = run_local(4, parity_worker, layouts, ids, timeout=900)
     _check(results, layouts, _reference(ids))
+
+
+def fp8_refusal_worker(rank, world_size):
+    import dataclasses
+
+    from megatune.train import policy
+    from megatune.train.distributed import init_distributed
+    from megatune.train.errors import TrainError
+
+    init_distributed(1, 1)
+    policy.install(dataclasses.replace(policy.active(), fp8=policy.Fp8()))
+    _, cfg = H.hf_model(H.FAMILIES[0])
+    try:
+        H.build(cfg, tp=1, pp=1)
+    except TrainError as e:
+        return str(e)
+    return None
+
+
+def test_fp8_is_refused_for_moe_in_one_line():
+    message = run_local(1, fp8_refusal_worker)[0]
+    assert message is not None and message.startswith("--fp8_format hybrid: FP8 is not available for MoE models")
+    assert "\n" not in message

@@ -197,6 +197,9 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
 
     shape = moe_mod.moe_shape(hf_config)  # None for a dense model
     if shape is not None:
+        if policy.fp8 is not None:
+            raise TrainError(f"--fp8_format {policy.fp8.format}: FP8 is not available for MoE models (they train with "
+                             f"megatune's native spec); leave --fp8_format unset")
         if spec == "te":
             raise TrainError("MoE models train with megatune's native spec; pass --transformer_impl native")
         moe = (moe or moe_mod.MoESettings(ep=parallel_state.get_expert_model_parallel_world_size())).resolve(hf_config)
