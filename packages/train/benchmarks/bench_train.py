@@ -81,6 +81,24 @@ def top_kernels(prof, limit: int = 15) -> list[tuple[str, float, int]]:
     return sorted(rows, key=lambda r: -r[1])[:limit]
 
 
+def call_sites(prof, ops: tuple[str, ...] = ("aten::cat", "aten::add_", "aten::copy_"), limit: int = 3
+               ) -> list[tuple[str, float, int, str]]:
+    """Where the named aten ops come from (a profile taken with_stack=True): for each op, its `limit` costliest
+    Python call sites by device time, as (op, ms, calls, innermost frames of megatune/megatron code)."""
+    rows = []
+    for e in prof.key_averages(group_by_stack_n=8):
+        if e.key not in ops:
+            continue
+        t = getattr(e, "self_device_time_total", None)
+        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+        frames = [f for f in (e.stack or []) if "megatron" in f or "megatune" in f] or list(e.stack or [])[:2]
+        rows.append((e.key, t / 1e3, e.count, " <- ".join(f.split("/")[-1] for f in frames[:3])))
+    out = []
+    for op in ops:
+        out += sorted((r for r in rows if r[0] == op), key=lambda r: -r[1])[:limit]
+    return out
+
+
 def stock_optimizer(optimizer) -> None:
     """Undo optim.build_optimizer's kernel choices: megatron-core's own fallbacks without TE/apex (torch AdamW with
     foreach kernels, per-tensor Python L2 norm / scale). For the ablation row only."""
@@ -215,11 +233,15 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
             for i in range(2):
                 step(warmup + steps_n + i)
             torch.cuda.synchronize()
         result["top_kernels"] = top_kernels(prof)
+        try:
+            result["call_sites"] = call_sites(prof)
+        except Exception as e:  # noqa: BLE001 - a profiler API difference must not lose the measurement
+            print(f"[bench] call sites not computed: {type(e).__name__}: {e}", flush=True)
         # GPU busy = kernel time / wall time of the profiled steps (1 GPU: one compute stream, little overlap)
         try:
             kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
@@ -297,6 +319,8 @@ def print_rows(rows: list[dict]) -> None:
                   f"{1e3 * r['step_s']:.0f} ms, GPU busy {100 * r.get('gpu_busy', 0):.1f}%):")
             for name, ms, count in r["top_kernels"]:
                 print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
+            for op, ms, count, where in r.get("call_sites") or []:
+                print(f"  {ms:9.1f} {count:6d}  {op} from {where[:150]}")
     print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
     for r in rows:
         print(fmt(r))
