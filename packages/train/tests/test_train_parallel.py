@@ -37,6 +37,8 @@ def _bad_inputs(model_dir: str, out_dir: str, tp2_run: str) -> dict[str, tuple[i
         "unwritable_output": (1, sft_argv(model_dir, str(blocker / "sub"))),
         "missing_checkpoint": (1, sft_argv(model_dir, out_dir, resume_from_checkpoint=str(blocker) + "-nope")),
         "unknown_flag": (1, [*sft_argv(model_dir, out_dir), "--learning_rat", "1"]),
+        "fp8_native": (1, sft_argv(model_dir, out_dir, fp8_format="hybrid")),  # FP8 needs the TE spec
+        "fp8_recipe": (1, sft_argv(model_dir, out_dir, fp8_format="hybrid", fp8_recipe="fast")),
     }
     return run_bad_inputs(cases)
 
@@ -104,7 +106,7 @@ def test_resume_is_bit_exact(group, layout):
 @pytest.mark.parametrize("case,expect", [
     ("tp_heads", "heads"), ("tp_pp_world", "world size"), ("ckpt_tp_mismatch", "tp=2"),
     ("empty_dataset", "max_length"), ("unwritable_output", "not writable"), ("missing_checkpoint", "no such"),
-    ("unknown_flag", "learning_rate"),
+    ("unknown_flag", "learning_rate"), ("fp8_native", "--transformer_impl te"), ("fp8_recipe", "--fp8_recipe"),
 ])
 def test_bad_input_is_one_line(group, case, expect):
     code, err = group["bad"][case]
