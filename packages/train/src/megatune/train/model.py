@@ -244,6 +244,10 @@ def build_model(meta_or_hf_config, *, tp: int, pp: int, params_dtype=torch.float
     model.megatune_hf_config = hf_config
     if book is not None:
         moe_spec.attach(model, book)  # model.megatune_moe_book: the MoE losses and load of each step
+        if moe.local_dispatch:
+            from megatune.train.moe_dispatch import use_local_dispatch
+
+            use_local_dispatch(model)
     if policy.device_type == "cuda":
         model.cuda(torch.cuda.current_device())
     return [model]

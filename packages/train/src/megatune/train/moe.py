@@ -38,6 +38,9 @@ class MoESettings:
     z_coeff: float | None = None  # --moe_z_loss_coeff; None: no z-loss
     grouped_gemm: bool = True  # --moe_grouped_gemm: moe_experts.GroupedExperts, else megatron-core's SequentialMLP
     dispatcher: str = "alltoall"  # --moe_token_dispatcher_type
+    # moe_dispatch.LocalTokenDispatcher where no tokens travel (ep = expert tp = 1): same numbers, no host sync a
+    # layer; off until a GPU run has measured it against megatron-core's dispatcher (bench_moe.py)
+    local_dispatch: bool = False
 
     @classmethod
     def from_args(cls, args: Any) -> MoESettings:

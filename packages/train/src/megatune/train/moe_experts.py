@@ -47,7 +47,7 @@ def use_grouped_mm(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor | None
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int] | None, offsets: torch.Tensor | None
                    ) -> torch.Tensor:
     """y[rows of expert j] = x[rows of expert j] @ weight[j]^T; x [n, in] sorted by expert, weight [E, out, in]."""
     if offsets is not None:
@@ -95,12 +95,13 @@ class GroupedExperts(MegatronModule):
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert, probs: torch.Tensor):
         """hidden [n, h] sorted by local expert, tokens_per_expert [E_local] (CPU), probs [n] -> ([n, h], None)."""
-        counts = [int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
-                                   else tokens_per_expert)]
-        offsets = None
-        if use_grouped_mm(hidden):
-            offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(hidden.device,
-                                                                                             non_blocking=True)
+        counts, offsets = None, None
+        if use_grouped_mm(hidden):  # offsets on the device; GPU counts (moe_dispatch) are never read back
+            counts_t = tokens_per_expert if torch.is_tensor(tokens_per_expert) else torch.tensor(tokens_per_expert)
+            offsets = counts_t.to(hidden.device, non_blocking=True).cumsum(0, dtype=torch.int32)
+        else:
+            counts = [int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
+                                       else tokens_per_expert)]
         h = grouped_linear(hidden, self.weight1, counts, offsets)  # [n, 2f]
         act = fused._fast(_swiglu_scaled, h)(h, probs)  # [n, f]
         return grouped_linear(act, self.weight2, counts, offsets), None  # [n, h]
