@@ -38,9 +38,10 @@ class MoESettings:
     z_coeff: float | None = None  # --moe_z_loss_coeff; None: no z-loss
     grouped_gemm: bool = True  # --moe_grouped_gemm: moe_experts.GroupedExperts, else megatron-core's SequentialMLP
     dispatcher: str = "alltoall"  # --moe_token_dispatcher_type
-    # moe_dispatch.LocalTokenDispatcher where no tokens travel (ep = expert tp = 1): same numbers, no host sync a
-    # layer; off until a GPU run has measured it against megatron-core's dispatcher (bench_moe.py)
-    local_dispatch: bool = False
+    # moe_dispatch.LocalTokenDispatcher where no tokens travel (ep = expert tp = 1, whichever dispatcher is named):
+    # the same numbers without a host sync a layer; 1x H200, Qwen3-30B-A3B shape, 8 micro-batches: 42.2k -> 53.3k
+    # tokens/s (BENCHMARKS.md, "MoE"). False keeps megatron-core's dispatcher there (for comparisons).
+    local_dispatch: bool = True
 
     @classmethod
     def from_args(cls, args: Any) -> MoESettings:

@@ -3,7 +3,8 @@
 A sparse layer is spec.py's native layer with its MLP replaced by megatron-core's `MoELayer`:
 - router: moe_router.HFRouter (HF's top-k / normalisation, HF's load-balancing loss, z-loss);
 - token dispatcher: megatron-core's alltoall (default; all-to-all over EP, all-gather / reduce-scatter over TP) or
-  allgather, chosen by `moe_token_dispatcher_type`;
+  allgather, chosen by `moe_token_dispatcher_type`; where no tokens travel (ep = expert tp = 1) build_model swaps in
+  moe_dispatch.LocalTokenDispatcher (same numbers, no host synchronisation);
 - experts: moe_experts.GroupedExperts (grouped GEMMs) or megatron-core's SequentialMLP, both named
   `mlp.experts.local_experts.{j}.linear_fc1/linear_fc2.weight`;
 - shared expert (Qwen2-MoE): megatron-core's SharedExpertMLP with its sigmoid gate (`mlp.shared_experts.*`,
