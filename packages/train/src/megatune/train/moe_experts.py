@@ -94,7 +94,8 @@ class GroupedExperts(MegatronModule):
             weight.allreduce = not expert_parallel
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert, probs: torch.Tensor):
-        """hidden [n, h] sorted by local expert, tokens_per_expert [E_local] (CPU), probs [n] -> ([n, h], None)."""
+        """hidden [n, h] sorted by local expert, tokens_per_expert [E_local] (CPU from megatron-core's dispatchers,
+        on the device from moe_dispatch's), probs [n] -> ([n, h], None)."""
         counts, offsets = None, None
         if use_grouped_mm(hidden):  # offsets on the device; GPU counts (moe_dispatch) are never read back
             counts_t = tokens_per_expert if torch.is_tensor(tokens_per_expert) else torch.tensor(tokens_per_expert)

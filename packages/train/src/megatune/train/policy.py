@@ -102,7 +102,7 @@ class DevicePolicy:
         return self.flex_documents
 
     def attention_kernels(self):
-        """Context manager restricting SDPA to this policy's kernels (a no-op for 'auto')."""
+        """Context manager choosing SDPA's kernels: 'auto' = cuDNN's first on GPU, torch's own choice on CPU."""
         if self.attention == "auto" and self.device_type == "cpu":
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
