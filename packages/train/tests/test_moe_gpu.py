@@ -85,7 +85,7 @@ def test_local_dispatch_matches_megatron_dispatcher_bf16(family):
     for local in (False, True):
         model = H.build(cfg, tp=1, pp=1, params_dtype=torch.bfloat16, settings=moe.MoESettings(local_dispatch=local))
         model.load_state_dict({k: v.cuda() for k, v in H.shard_for_rank(full, model).items()}, strict=True)
-        model.megatune_moe_book.begin_step([{"loss_mask": torch.ones(ids.shape), "labels": ids}])
+        model.megatune_moe_book.begin_step([{"loss_mask": torch.ones(ids.shape, device="cuda"), "labels": ids}])
         logits = model(ids, torch.arange(ids.shape[1], device="cuda").expand_as(ids), None).float()
         logits.square().mean().backward()
         runs[local] = [logits.detach()] + [p.grad.float() for p in model.parameters()]
