@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import SMOKE_CFG, margs_for, microbatch, top_kernels  # noqa: E402
+from bench_report import top_kernels  # noqa: E402
+from bench_train import SMOKE_CFG, margs_for, microbatch  # noqa: E402
 from hf_baseline import qwen2_config, time_steps  # noqa: E402
 
 HF_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # = ALL

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import bench_megatune, fmt, launch, print_rows  # noqa: E402
+from bench_report import fmt, print_rows  # noqa: E402
+from bench_train import bench_megatune, launch  # noqa: E402
 from hf_baseline import H200_BF16_PEAK, flops_per_token, time_steps  # noqa: E402
 
 

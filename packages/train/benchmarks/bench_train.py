@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import call_sites, fmt, print_curves, print_rows, top_kernels  # noqa: E402
 from hf_baseline import H200_BF16_PEAK, HF_VARIANTS, bench_hf, flops_per_token, qwen2_config  # noqa: E402
 
 SMOKE_CFG = dict(qwen2_config("qwen2-0.5b"), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -53,11 +54,15 @@ def margs_for(*, bf16: bool, distributed: bool, gbs: int, lr: float = 1e-5):
         train_iters=10_000, lr_decay_style="constant", lr_warmup_iters=0, loss_scale=None)
 
 
-def microbatch(vocab: int, mbs: int, seq: int, seed: int, device) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
+def _shifted(tokens: torch.Tensor, device) -> dict:
+    """[mbs, seq + 1] tokens -> the micro-batch dict steps.make_forward_step reads (inputs, next-token labels)."""
+    mbs, seq = tokens.shape[0], tokens.shape[1] - 1
     return {"tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
             "loss_mask": torch.ones(mbs, seq, device=device), "position_ids": torch.arange(seq).expand(mbs, seq).to(device)}
+
+
+def microbatch(vocab: int, mbs: int, seq: int, seed: int, device) -> dict:
+    return _shifted(torch.randint(0, vocab, (mbs, seq + 1), generator=torch.Generator().manual_seed(seed)), device)
 
 
 def learnable_microbatch(vocab: int, mbs: int, seq: int, seed: int, device) -> dict:
@@ -66,37 +71,7 @@ def learnable_microbatch(vocab: int, mbs: int, seq: int, seed: int, device) -> d
     ln(512) / 16 per token as the phrases are memorised."""
     phrases = torch.randint(0, vocab, (512, 16), generator=torch.Generator().manual_seed(1234))
     picks = torch.randint(0, 512, (mbs, (seq + 1) // 16 + 1), generator=torch.Generator().manual_seed(seed))
-    tokens = phrases[picks].reshape(mbs, -1)[:, :seq + 1]
-    return {"tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
-            "loss_mask": torch.ones(mbs, seq, device=device), "position_ids": torch.arange(seq).expand(mbs, seq).to(device)}
-
-
-def top_kernels(prof, limit: int = 15) -> list[tuple[str, float, int]]:
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
-        if t > 0:
-            rows.append((e.key, t / 1e3, e.count))
-    return sorted(rows, key=lambda r: -r[1])[:limit]
-
-
-def call_sites(prof, ops: tuple[str, ...] = ("aten::cat", "aten::add_", "aten::copy_"), limit: int = 3
-               ) -> list[tuple[str, float, int, str]]:
-    """Where the named aten ops come from (a profile taken with_stack=True): for each op, its `limit` costliest
-    Python call sites by device time, as (op, ms, calls, innermost frames of megatune/megatron code)."""
-    rows = []
-    for e in prof.key_averages(group_by_stack_n=8):
-        if e.key not in ops:
-            continue
-        t = getattr(e, "self_device_time_total", None)
-        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
-        frames = [f for f in (e.stack or []) if "megatron" in f or "megatune" in f] or list(e.stack or [])[:2]
-        rows.append((e.key, t / 1e3, e.count, " <- ".join(f.split("/")[-1] for f in frames[:3])))
-    out = []
-    for op in ops:
-        out += sorted((r for r in rows if r[0] == op), key=lambda r: -r[1])[:limit]
-    return out
+    return _shifted(phrases[picks].reshape(mbs, -1)[:, :seq + 1], device)
 
 
 def stock_optimizer(optimizer) -> None:
@@ -229,7 +204,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
             + (f" x{accum} accum" if accum > 1 else "")
             + ((" overlap" if ddp_overlap else " no-overlap") if dist.dp > 1 else "")
             + (" stock optimizer" if stock else "") + (f" recompute {recompute}" if recompute else ""))
-    result = {"name": name, "gpus": gpus, "tokens_per_s": tps,
+    result = {"name": name, "peer": peer, "gpus": gpus, "tokens_per_s": tps,
               "mfu": tps * flops_per_token(cfg, seq) / (gpus * H200_BF16_PEAK),
               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0, "losses": losses,
               "step_s": seconds / steps_n}
@@ -304,43 +279,6 @@ def launch(n: int, spec: dict, out_dir: Path, name: str, timeout: int) -> list[d
         return []
     print(f"[bench] {name}: done in {time.perf_counter() - t0:.0f}s", flush=True)
     return json.loads(Path(spec["out"]).read_text())
-
-
-def fmt(r: dict) -> str:
-    if r.get("error"):
-        return f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} FAILED: {r['error'][:100]}"
-    if r.get("oom"):
-        more_than = f"> {r['peak_mem_gb']:.0f}"
-        return f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {'OOM':>10} {'-':>7} {more_than:>8}"
-    return (f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% "
-            f"{r['peak_mem_gb']:>8.1f}")
-
-
-def print_rows(rows: list[dict]) -> None:
-    """The profiled rows' top CUDA kernels, then one line a row (fmt)."""
-    for r in rows:
-        if r.get("top_kernels"):
-            print(f"\ntop CUDA kernels, {r['name']}, 2 profiled steps (ms total, calls; step "
-                  f"{1e3 * r['step_s']:.0f} ms, GPU busy {100 * r.get('gpu_busy', 0):.1f}%):")
-            for name, ms, count in r["top_kernels"]:
-                print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
-            for op, ms, count, where in r.get("call_sites") or []:
-                print(f"  {ms:9.1f} {count:6d}  {op} from {where[:150]}")
-    print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
-    for r in rows:
-        print(fmt(r))
-
-
-def print_curves(rows: list[dict]) -> None:
-    """Each row's loss curve against the first row's: relative difference per step (max over all steps, mean over
-    the last quarter), and the first/last losses."""
-    ref = rows[0]["losses"]
-    print(f"\nloss curves, {len(ref)} steps, against {rows[0]['name']} (relative difference |l - ref| / ref):")
-    for r in rows:
-        rel = [abs(x - y) / y for x, y in zip(r["losses"], ref)]
-        tail = rel[-max(len(rel) // 4, 1):]
-        print(f"  {r['name'][:56]:56s} first {r['losses'][0]:.3f} last {r['losses'][-1]:.4f}  max {max(rel):.2%}  "
-              f"last-quarter mean {sum(tail) / len(tail):.2%}")
 
 
 def main() -> None:
@@ -422,10 +360,9 @@ def main() -> None:
     rows += peers
     one = launch(1, spec, out, "megatune_1gpu", a.timeout)
     rows += one
-    one = [r for r in one if not r.get("error")]
-    peers += [r for r in one if r["name"].startswith("megatron-core")]
+    peers += [r for r in one if r.get("peer")]  # megatron-core + TE, run beside megatune's variants
     hf = max((r for r in peers if not r.get("oom")), key=lambda r: r["tokens_per_s"], default=None)
-    one = [r for r in one if r not in peers]
+    one = [r for r in one if not r.get("error") and not r.get("peer")]
     multi = [m for m in a.multi.split(",") if m]
     if "tp2" in multi and torch.cuda.device_count() >= 2:
         cfg7 = qwen2_config("qwen2-7b")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from megatune.train.policy import _te_importable
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -98,14 +99,6 @@ def dirs(tmp_path_factory):
     return {"fresh": str(fresh), "trained": str(trained)}
 
 
-def te_importable() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken TE install counts as absent
-        return False
-    return True
-
-
 def logits_worker(rank, world_size, layouts, d, ids, spec="native"):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -173,7 +166,7 @@ def test_logits_match_hf_one_gpu(dirs, spec):
     """tp1 pp1 on one GPU, for both layer specs (the TE spec with its fused RoPE / SwiGLU, as build_model gives it)."""
     from megatune.train.distributed import run_local
 
-    if spec == "te" and not te_importable():
+    if spec == "te" and not _te_importable():
         pytest.skip("transformer_engine is not importable")
     results = run_local(1, logits_worker, [(1, 1)], dirs["trained"], data(4)[:, :SEQ], spec, timeout=600)[0]
     print(spec, results)
@@ -243,7 +236,7 @@ def test_te_training_curve_matches_hf(dirs, fp8):
     native spec; the FP8 curve's distance to the TE bf16 curve is printed (the issue's aim: <= 1%)."""
     from megatune.train.distributed import run_local
 
-    if not te_importable():
+    if not _te_importable():
         pytest.skip("transformer_engine is not importable")
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need an Ada/Hopper-or-newer GPU")

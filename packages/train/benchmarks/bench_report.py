@@ -1,0 +1,73 @@
+"""How the training benchmarks report: the top CUDA kernels and call sites of a profile, one line a row, loss-curve
+distances (bench_train.py, bench_moe.py, bench_lora.py)."""
+
+from __future__ import annotations
+
+
+def _device_us(event) -> float:
+    """An aggregated profiler event's own device time (torch's name for it changed from `cuda` to `device`)."""
+    t = getattr(event, "self_device_time_total", None)
+    return getattr(event, "self_cuda_time_total", 0) if t is None else t
+
+
+def top_kernels(prof, limit: int = 15) -> list[tuple[str, float, int]]:
+    rows = []
+    for e in prof.key_averages():
+        t = _device_us(e)
+        if t > 0:
+            rows.append((e.key, t / 1e3, e.count))
+    return sorted(rows, key=lambda r: -r[1])[:limit]
+
+
+def call_sites(prof, ops: tuple[str, ...] = ("aten::cat", "aten::add_", "aten::copy_"), limit: int = 3
+               ) -> list[tuple[str, float, int, str]]:
+    """Where the named aten ops come from (a profile taken with_stack=True): for each op, its `limit` costliest
+    Python call sites by device time, as (op, ms, calls, innermost frames of megatune/megatron code)."""
+    rows = []
+    for e in prof.key_averages(group_by_stack_n=8):
+        if e.key not in ops:
+            continue
+        t = _device_us(e)
+        frames = [f for f in (e.stack or []) if "megatron" in f or "megatune" in f] or list(e.stack or [])[:2]
+        rows.append((e.key, t / 1e3, e.count, " <- ".join(f.split("/")[-1] for f in frames[:3])))
+    out = []
+    for op in ops:
+        out += sorted((r for r in rows if r[0] == op), key=lambda r: -r[1])[:limit]
+    return out
+
+
+def fmt(r: dict) -> str:
+    if r.get("error"):
+        return f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} FAILED: {r['error'][:100]}"
+    if r.get("oom"):
+        more_than = f"> {r['peak_mem_gb']:.0f}"
+        return f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {'OOM':>10} {'-':>7} {more_than:>8}"
+    return (f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% "
+            f"{r['peak_mem_gb']:>8.1f}")
+
+
+def print_rows(rows: list[dict]) -> None:
+    """The profiled rows' top CUDA kernels, then one line a row (fmt)."""
+    for r in rows:
+        if r.get("top_kernels"):
+            print(f"\ntop CUDA kernels, {r['name']}, 2 profiled steps (ms total, calls; step "
+                  f"{1e3 * r['step_s']:.0f} ms, GPU busy {100 * r.get('gpu_busy', 0):.1f}%):")
+            for name, ms, count in r["top_kernels"]:
+                print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
+            for op, ms, count, where in r.get("call_sites") or []:
+                print(f"  {ms:9.1f} {count:6d}  {op} from {where[:150]}")
+    print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
+    for r in rows:
+        print(fmt(r))
+
+
+def print_curves(rows: list[dict]) -> None:
+    """Each row's loss curve against the first row's: relative difference per step (max over all steps, mean over
+    the last quarter), and the first/last losses."""
+    ref = rows[0]["losses"]
+    print(f"\nloss curves, {len(ref)} steps, against {rows[0]['name']} (relative difference |l - ref| / ref):")
+    for r in rows:
+        rel = [abs(x - y) / y for x, y in zip(r["losses"], ref)]
+        tail = rel[-max(len(rel) // 4, 1):]
+        print(f"  {r['name'][:56]:56s} first {r['losses'][0]:.3f} last {r['losses'][-1]:.4f}  max {max(rel):.2%}  "
+              f"last-quarter mean {sum(tail) / len(tail):.2%}")
