@@ -112,7 +112,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
                    overlap: bool | None = None, stock: bool = False, accum: int = 1, ep: int = 1,
                    recompute: str | None = None, spec: str | None = None, recipe: str = "megatune",
                    fp8: str | None = None, wgrad_fusion: bool = False, te_fusions: bool | None = None,
-                   learnable: bool = False, lr: float = 1e-5, local_dispatch: bool = False) -> dict:
+                   learnable: bool = False, lr: float = 1e-5, local_dispatch: bool | None = None) -> dict:
     """megatune's real training step: `accum` micro-batches of `mbs` sequences per DP rank and optimizer step.
     overlap: the device policy's overlap_grad_reduce (None = its default); stock: stock_optimizer(); recompute:
     megatron-core's recompute_granularity (None, 'selective', 'full'); spec: the layer spec ('native' | 'te',
@@ -121,7 +121,8 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     hybrid format, TE spec); wgrad_fusion: te_wgrad_into_main_grad; te_fusions: False builds the TE spec without
     the fused RoPE / SwiGLU that build_model gives it (what it ran before they were added); learnable:
     learnable_microbatch data (loss curves), at learning rate `lr`; local_dispatch: an MoE cfg's layers dispatch
-    through moe_dispatch.LocalTokenDispatcher (MoESettings.local_dispatch)."""
+    through moe_dispatch.LocalTokenDispatcher (True) or megatron-core's dispatcher (False); None = build_model's
+    default (MoESettings.local_dispatch)."""
     import dataclasses
 
     from megatron.core import parallel_state as ps
@@ -146,10 +147,10 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     overrides = dict(MCORE_TE_FUSIONS) if peer else {}
     if te_fusions is False:
         overrides.update(apply_rope_fusion=False, bias_activation_fusion=False)
-    if local_dispatch:
+    if local_dispatch is not None:
         from megatune.train.moe import MoESettings
 
-        overrides["moe"] = MoESettings(ep=ep, local_dispatch=True)
+        overrides["moe"] = MoESettings(ep=ep, local_dispatch=local_dispatch)
     chunks = build_model(cfg, tp=tp, pp=1, params_dtype=torch.bfloat16 if gpu else torch.float32,
                          sequence_parallel=tp > 1, seq_length=seq, recompute_granularity=recompute, **overrides)
     if peer:
@@ -199,7 +200,8 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
     gpus = dist.world_size
     kind = {"mcore-te": "megatron-core + TE"}.get(recipe, "megatune" + (f" {spec}" if spec else ""))
     name = (kind + (f" fp8 {fp8}" if fp8 else "") + (" wgrad->main_grad" if wgrad_fusion else "")
-            + (" unfused rope/swiglu" if te_fusions is False else "") + (" local dispatch" if local_dispatch else "")
+            + (" unfused rope/swiglu" if te_fusions is False else "")
+            + {True: " local dispatch", False: " mcore dispatch"}.get(local_dispatch, "")
             + f" tp{tp} dp{dist.dp}" + (f" ep{ep}" if ep > 1 else "") + f" mbs{mbs}"
             + (f" x{accum} accum" if accum > 1 else "")
             + ((" overlap" if ddp_overlap else " no-overlap") if dist.dp > 1 else "")
@@ -213,7 +215,14 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        try:  # Python frames on the events (call_sites): torch fills event stacks only in verbose mode
+            from torch._C._profiler import _ExperimentalConfig
+
+            verbose = {"experimental_config": _ExperimentalConfig(verbose=True)}
+        except (ImportError, TypeError):
+            verbose = {}
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+                           **verbose) as prof:
             for i in range(2):
                 step(warmup + steps_n + i)
             torch.cuda.synchronize()
