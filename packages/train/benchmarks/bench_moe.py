@@ -115,9 +115,13 @@ def main() -> None:
             torch.cuda.empty_cache()
     hf_rows = list(rows)
     spec = {"cfg": cfg, "tp": 1, "seq": a.seq, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
-            # megatron-core's dispatcher, then moe_dispatch's (no host sync), each at 1 and --accum, each profiled
-            "variants": [{"accum": n, "local_dispatch": local} for local in (False, True)
-                         for n in sorted({1, a.accum})], "profile": "all"}
+            # moe_dispatch's dispatcher (no host sync) at 1 and --accum micro-batches, then megatron-core's at
+            # --accum, each profiled. megatron-core's goes last: a model that ran it is never freed (its dispatcher
+            # keeps `probs`, a tensor of the last micro-batch's autograd graph, whose DDP hooks refer back to the model: a
+            # cycle through C++ that gc cannot break), so a later variant in the same process would start with
+            # the earlier model's memory still allocated.
+            "variants": [{"accum": n, "local_dispatch": True} for n in sorted({1, a.accum})]
+            + [{"accum": a.accum, "local_dispatch": False}], "profile": "all"}
     one = launch(1, spec, out, "megatune_moe_1gpu", a.timeout)
     rows += one
     at_accum = [r for r in one if not r.get("error") and (a.accum == 1 or f"x{a.accum} accum" in r["name"])]
