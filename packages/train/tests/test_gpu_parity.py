@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from megatune.train.policy import _te_importable
+from megatune.train.policy import _te_importable, te_import_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -167,7 +167,7 @@ def test_logits_match_hf_one_gpu(dirs, spec):
     from megatune.train.distributed import run_local
 
     if spec == "te" and not _te_importable():
-        pytest.skip("transformer_engine is not importable")
+        pytest.skip(f"transformer_engine is not importable: {te_import_error()}")
     results = run_local(1, logits_worker, [(1, 1)], dirs["trained"], data(4)[:, :SEQ], spec, timeout=600)[0]
     print(spec, results)
     assert results[(1, 1, "fp32")]["max_abs"] <= 1e-3, f"{spec} fp32 logits differ from HF: {results}"
@@ -237,7 +237,7 @@ def test_te_training_curve_matches_hf(dirs, fp8):
     from megatune.train.distributed import run_local
 
     if not _te_importable():
-        pytest.skip("transformer_engine is not importable")
+        pytest.skip(f"transformer_engine is not importable: {te_import_error()}")
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need an Ada/Hopper-or-newer GPU")
     seqs = {"text": text_data(dirs["fresh"])}

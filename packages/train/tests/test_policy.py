@@ -101,6 +101,21 @@ def test_te_is_chosen_only_when_asked_and_importable(monkeypatch):
     assert resolve_policy(Request(), GPU2, dp=1).layer_spec == "native"  # installed TE does not change the default
 
 
+def test_a_broken_te_install_is_named_in_the_refusal(monkeypatch):
+    """`import transformer_engine` failing for any reason (here: blocked in sys.modules) refuses --transformer_impl
+    te in one line that carries the import error, so a broken install is not mistaken for a missing one."""
+    import sys
+
+    from megatune.train import policy
+
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)
+    reason = policy.te_import_error()
+    assert reason is not None and "transformer_engine halted" in reason and "\n" not in reason
+    with pytest.raises(TrainError) as info:
+        resolve_policy(Request(transformer_impl="te"), GPU2, dp=1)
+    assert f"not importable ({reason})" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_dataloader_workers_beyond_one_are_refused_as_a_usage_error():
     refuse_unsupported(SftArguments(dataloader_num_workers=1))
     with pytest.raises(ArgumentError, match="^--dataloader_num_workers"):

@@ -137,12 +137,18 @@ class Request:
                    transformer_impl=sft.transformer_impl, packing=bool(sft.packing), adam=sft.optim != "sgd", fp8=fp8)
 
 
-def _te_importable() -> bool:
+def te_import_error() -> str | None:
+    """Why `import transformer_engine` fails here, in one line (None when it imports). A broken install (missing
+    torch extension, wrong CUDA) counts as absent, and the error says which it is."""
     try:
         import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken TE install counts as absent
-        return False
-    return True
+    except Exception as e:  # noqa: BLE001 - any failure to import is reported, never raised
+        return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return None
+
+
+def _te_importable() -> bool:
+    return te_import_error() is None
 
 
 def _layer_spec(req: Request, machine: Machine) -> str:
@@ -164,8 +170,8 @@ def _layer_spec(req: Request, machine: Machine) -> str:
         raise TrainError("--use_flash_attn selects the native spec's SDPA kernels; with --transformer_impl te leave it "
                          "unset and choose TE's backend with NVTE_FLASH_ATTN / NVTE_FUSED_ATTN")
     if not _te_importable():
-        raise TrainError("--transformer_impl te: transformer_engine is not importable; pip install "
-                         "transformer-engine[pytorch], or use --transformer_impl native (the default)")
+        raise TrainError(f"--transformer_impl te: transformer_engine is not importable ({te_import_error()}); pip "
+                         f"install transformer-engine[pytorch], or use --transformer_impl native (the default)")
     return "te"
 
 
