@@ -36,6 +36,32 @@ def call_sites(prof, ops: tuple[str, ...] = ("aten::cat", "aten::add_", "aten::c
     return out
 
 
+def idle_gaps(kernels: list[tuple[float, float, str]], *, min_us: float = 20.0, limit: int = 8) -> dict:
+    """Where the GPU waited: `kernels` are (start_us, end_us, name) of every device activity of a profile (kernels,
+    copies, memsets). A gap is time between one activity's end (the latest end so far, so overlapping streams count
+    as busy) and the next start, longer than `min_us`. Returns the idle total (ms), the gap count, and the idle summed
+    by the activity that followed each gap ("waited for") and by the one that preceded it, largest first: the first
+    says which phase the host was late to launch (optimizer, embedding = step start, router ops, ...), the second
+    what ran before the host stalled (a synchronising read follows it)."""
+    after: dict[str, list[float]] = {}
+    before: dict[str, list[float]] = {}
+    idle_us, gaps, latest, previous = 0.0, 0, None, None
+    for start, end, name in sorted(kernels):
+        if latest is not None and start - latest > min_us:
+            gap = start - latest
+            idle_us, gaps = idle_us + gap, gaps + 1
+            after.setdefault(name, []).append(gap)
+            before.setdefault(previous, []).append(gap)
+        if latest is None or end > latest:
+            latest, previous = end, name
+
+    def top(by: dict[str, list[float]]) -> list[tuple[str, float, int]]:
+        rows = [(n, sum(g) / 1e3, len(g)) for n, g in by.items()]
+        return sorted(rows, key=lambda r: -r[1])[:limit]
+
+    return {"idle_ms": idle_us / 1e3, "gaps": gaps, "after": top(after), "before": top(before)}
+
+
 def fmt(r: dict) -> str:
     if r.get("error"):
         return f"{r['name'][:56]:56s} {r.get('gpus', 1):>4} FAILED: {r['error'][:100]}"
@@ -56,6 +82,13 @@ def print_rows(rows: list[dict]) -> None:
                 print(f"  {ms:9.1f} {count:6d}  {name[:110]}")
             for op, ms, count, where in r.get("call_sites") or []:
                 print(f"  {ms:9.1f} {count:6d}  {op} from {where[:150]}")
+            idle = r.get("idle")
+            if idle:
+                print(f"  GPU idle {idle['idle_ms']:.1f} ms in {idle['gaps']} gaps (> 20 us); summed by the activity "
+                      f"the GPU then waited for / that ran before the gap:")
+                for label, gaps in (("waited for", idle["after"]), ("after", idle["before"])):
+                    for name, ms, count in gaps:
+                        print(f"  {ms:9.1f} {count:6d}  {label} {str(name)[:100]}")
     print(f"\n{'run':56s} {'gpus':>4} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8}")
     for r in rows:
         print(fmt(r))

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import call_sites, fmt, print_curves, print_rows, top_kernels  # noqa: E402
+from bench_report import call_sites, fmt, idle_gaps, print_curves, print_rows, top_kernels  # noqa: E402
 from hf_baseline import H200_BF16_PEAK, HF_VARIANTS, bench_hf, flops_per_token, qwen2_config  # noqa: E402
 
 SMOKE_CFG = dict(qwen2_config("qwen2-0.5b"), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -235,8 +235,9 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
         try:
             kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
             result["gpu_busy"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / (2e3 * result["step_s"])
+            result["idle"] = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in kernels])
         except Exception as e:  # noqa: BLE001 - a profiler API difference must not lose the measurement
-            print(f"[bench] GPU busy not computed: {type(e).__name__}: {e}", flush=True)
+            print(f"[bench] GPU busy / idle gaps not computed: {type(e).__name__}: {e}", flush=True)
     live.clear()
     del model, optimizer, scheduler, chunks
     gc.collect()
