@@ -10,7 +10,7 @@ megatron-core's RNG tracker the way Megatron-LM does (seed + 100 * pp_rank; the 
 with the torchrun variables set (so `fn` can call `init_distributed`), and returns the per-rank results. An exception
 in any rank is re-raised in the caller with that rank's traceback. `fn`, `args` and the results must be picklable.
 Without CUDA the processes fork from a forkserver that has imported torch and megatron-core once (measured on a
-2-core box: a 4-process group starts in under 1 s instead of 25 s); they inherit the environment and working
+2-core box: a 4-process group starts in 0.6 s instead of 20 s); they inherit the environment and working
 directory the forkserver started with, so callers pass what a rank needs as arguments (as `fn`'s args), not by
 changing os.environ or the cwd between calls.
 """
@@ -117,7 +117,7 @@ def _child(rank: int, world_size: int, port: int, threads: int, fn, args, queue)
 
 # What every run_local process imports anyway (torch ~3 s, megatron-core ~5 s per process on a CI core): on a CUDA-less
 # machine a forkserver imports them once and forks each process from there, so a 4-process run does not pay for
-# 4 imports (the test suite runs ~100 such groups). Modules that fail to import are skipped by the forkserver.
+# 4 imports (the train tests start dozens of such groups). Modules that fail to import are skipped by the forkserver.
 _PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
             "megatron.core.distributed", "megatron.core.pipeline_parallel", "megatune.train.model",
             "megatune.train.steps", "megatune.train.optim", "megatune.train.runtime", "megatune.train.distributed"]
