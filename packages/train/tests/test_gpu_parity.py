@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from megatune.train.policy import _te_importable, te_import_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -30,6 +31,18 @@ SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_a
 SEQ, STEPS, GBS, LR = 128, 50, 4, 1e-3
 TRAIN_STEPS = 400  # HF steps at lr 3e-3 that memorise data(16): confident predictions for the logits checks
 ALPACA = Path(__file__).resolve().parents[3] / "src/megatune/cli/demo_data/sft/alpaca_en_short.jsonl"
+
+
+def te_unavailable() -> str | None:
+    """Why a fresh process cannot import transformer_engine (policy.te_import_error there), None if it can. Asked in
+    a new interpreter because the TE runs happen in run_local's fresh processes: on an H200 (2026-12-01) the TE tests
+    skipped as "not importable" when this pytest process asked after its HF fixture had trained on the GPU, while a
+    fresh process imported TE."""
+    code = "from megatune.train.policy import te_import_error; print(te_import_error() or '')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        return f"the check itself failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}"
+    return out.stdout.strip() or None
 
 
 def data(n: int = 16) -> torch.Tensor:
@@ -166,8 +179,8 @@ def test_logits_match_hf_one_gpu(dirs, spec):
     """tp1 pp1 on one GPU, for both layer specs (the TE spec with its fused RoPE / SwiGLU, as build_model gives it)."""
     from megatune.train.distributed import run_local
 
-    if spec == "te" and not _te_importable():
-        pytest.skip(f"transformer_engine is not importable: {te_import_error()}")
+    if spec == "te" and (reason := te_unavailable()):
+        pytest.skip(f"transformer_engine is not importable: {reason}")
     results = run_local(1, logits_worker, [(1, 1)], dirs["trained"], data(4)[:, :SEQ], spec, timeout=600)[0]
     print(spec, results)
     assert results[(1, 1, "fp32")]["max_abs"] <= 1e-3, f"{spec} fp32 logits differ from HF: {results}"
@@ -236,8 +249,8 @@ def test_te_training_curve_matches_hf(dirs, fp8):
     native spec; the FP8 curve's distance to the TE bf16 curve is printed (the issue's aim: <= 1%)."""
     from megatune.train.distributed import run_local
 
-    if not _te_importable():
-        pytest.skip(f"transformer_engine is not importable: {te_import_error()}")
+    if reason := te_unavailable():
+        pytest.skip(f"transformer_engine is not importable: {reason}")
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need an Ada/Hopper-or-newer GPU")
     seqs = {"text": text_data(dirs["fresh"])}
