@@ -13,7 +13,8 @@ the variants `--hf` lists: `default` = fp32 master weights + bf16 autocast with 
 implementation (reported as it resolves it); `bf16-grouped_mm` = bf16 weights with the grouped_mm experts (its
 fastest MoE option; pure bf16 AdamW, so less precise than either other row); `eager` = the per-expert loop.
 megatune side: bench_train.bench_megatune (what `megatune sft` runs per iteration: native spec, grouped-GEMM experts,
-alltoall dispatcher, HF's load-balancing loss, distributed optimizer, fused AdamW) under torchrun.
+moe_dispatch's local dispatcher (megatron-core's alltoall in the comparison row), HF's load-balancing loss,
+distributed optimizer, fused AdamW) under torchrun.
 MFU counts the active parameters (top-8 experts): metrics.flops_per_token, the same as logging.jsonl.
 Targets (issue 13): >= 2x the fastest HF row in tokens/s on 1 GPU; MFU >= 30%; EP2 on two GPUs >= 85% of the
 1-GPU MFU (equivalently of twice its per-layer token rate).
