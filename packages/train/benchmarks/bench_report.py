@@ -1,5 +1,5 @@
-"""How the training benchmarks report: the top CUDA kernels and call sites of a profile, one line a row, loss-curve
-distances (bench_train.py, bench_moe.py, bench_lora.py)."""
+"""How the training benchmarks report: two profiled steps summarised (top CUDA kernels, call sites, GPU busy, idle
+gaps), one line a row, loss-curve distances (bench_train.py, bench_moe.py, bench_lora.py)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,38 @@ def idle_gaps(kernels: list[tuple[float, float, str]], *, min_us: float = 20.0, 
         return sorted(rows, key=lambda r: -r[1])[:limit]
 
     return {"idle_ms": idle_us / 1e3, "gaps": gaps, "after": top(after), "before": top(before)}
+
+
+def profile_steps(run_two_steps, step_s: float) -> dict:
+    """Profile `run_two_steps()` (two training steps on the GPU, with Python stacks) and summarise it: top_kernels,
+    call_sites, gpu_busy (kernel time / wall time of the two steps, `step_s` each: one compute stream on 1 GPU) and
+    idle gaps. A summary the profiler API cannot give is reported and left out, never losing the others."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    try:  # Python frames on the events (call_sites): torch fills event stacks only in verbose mode
+        from torch._C._profiler import _ExperimentalConfig
+
+        verbose = {"experimental_config": _ExperimentalConfig(verbose=True)}
+    except (ImportError, TypeError):
+        verbose = {}
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True, **verbose) as prof:
+        run_two_steps()
+        torch.cuda.synchronize()
+    out = {"top_kernels": top_kernels(prof)}
+    try:
+        out["call_sites"] = call_sites(prof)
+    except Exception as e:  # noqa: BLE001 - a profiler API difference must not lose the measurement
+        print(f"[bench] call sites not computed: {type(e).__name__}: {e}", flush=True)
+    try:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        out["gpu_busy"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / (2e3 * step_s)
+        out["idle"] = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in kernels])
+    except Exception as e:  # noqa: BLE001 - a profiler API difference must not lose the measurement
+        print(f"[bench] GPU busy / idle gaps not computed: {type(e).__name__}: {e}", flush=True)
+    return out
 
 
 def fmt(r: dict) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import call_sites, fmt, idle_gaps, print_curves, print_rows, top_kernels  # noqa: E402
+from bench_report import fmt, print_curves, print_rows, profile_steps  # noqa: E402
 from hf_baseline import H200_BF16_PEAK, HF_VARIANTS, bench_hf, flops_per_token, qwen2_config  # noqa: E402
 
 SMOKE_CFG = dict(qwen2_config("qwen2-0.5b"), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -211,33 +211,7 @@ def bench_megatune(cfg: dict, *, tp: int, seq: int, mbs: int, steps_n: int, warm
               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0, "losses": losses,
               "step_s": seconds / steps_n}
     if profile and gpu:
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        try:  # Python frames on the events (call_sites): torch fills event stacks only in verbose mode
-            from torch._C._profiler import _ExperimentalConfig
-
-            verbose = {"experimental_config": _ExperimentalConfig(verbose=True)}
-        except (ImportError, TypeError):
-            verbose = {}
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
-                           **verbose) as prof:
-            for i in range(2):
-                step(warmup + steps_n + i)
-            torch.cuda.synchronize()
-        result["top_kernels"] = top_kernels(prof)
-        try:
-            result["call_sites"] = call_sites(prof)
-        except Exception as e:  # noqa: BLE001 - a profiler API difference must not lose the measurement
-            print(f"[bench] call sites not computed: {type(e).__name__}: {e}", flush=True)
-        # GPU busy = kernel time / wall time of the profiled steps (1 GPU: one compute stream, little overlap)
-        try:
-            kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-            result["gpu_busy"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / (2e3 * result["step_s"])
-            result["idle"] = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in kernels])
-        except Exception as e:  # noqa: BLE001 - a profiler API difference must not lose the measurement
-            print(f"[bench] GPU busy / idle gaps not computed: {type(e).__name__}: {e}", flush=True)
+        result.update(profile_steps(lambda: [step(warmup + steps_n + i) for i in range(2)], result["step_s"]))
     live.clear()
     del model, optimizer, scheduler, chunks
     gc.collect()

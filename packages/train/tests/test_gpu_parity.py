@@ -15,6 +15,7 @@ A 4-layer Qwen2-shaped model with the real Qwen2 vocabulary (151936), loaded by 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ TRAIN_STEPS = 400  # HF steps at lr 3e-3 that memorise data(16): confident predi
 ALPACA = Path(__file__).resolve().parents[3] / "src/megatune/cli/demo_data/sft/alpaca_en_short.jsonl"
 
 
+@functools.cache  # one answer per session: the four TE tests ask it
 def te_unavailable() -> str | None:
     """Why a fresh process cannot import transformer_engine (policy.te_import_error there), None if it can. Asked in
     a new interpreter because the TE runs happen in run_local's fresh processes: on an H200 (2026-12-01) the TE tests
