@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from megatune.argmap.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
+from megatune.argmap.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, leave
 
 # verb -> (module, function, distribution to install when the module is missing)
 VERBS = {
@@ -71,5 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def entry() -> None:
+    """The `megatune` console script: main's code, a stopped command leaving without interpreter teardown (leave)."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

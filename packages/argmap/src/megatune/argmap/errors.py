@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from collections.abc import Iterable, Mapping
+from typing import NoReturn
 
 # Exit codes of every megatune command (README "Exit codes"): 128 + the signal for a stopped command, as a shell does.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+def leave(code: int) -> NoReturn:
+    """End the process with `code` (a command's entry point calls this with what its main returned). A stopped
+    command (130 / 143) has already run its `finally` blocks and printed its line, so the interpreter's teardown is
+    skipped: with torch, megatron-core and transformers loaded it spends seconds collecting garbage, and its
+    destruction of leftover gloo/NCCL process groups can block (a CI run saw a SIGTERM'd `sft` print its line and not
+    exit for 120 s), while a user who stopped a run expects the process gone. Other codes exit normally."""
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken pipe: nothing left to say
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 class ArgumentError(ValueError):

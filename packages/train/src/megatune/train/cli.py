@@ -147,4 +147,6 @@ def rank_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # torchrun runs this module as each rank: LOCAL_RANK is set
-    sys.exit(rank_main(sys.argv[1:]) if "LOCAL_RANK" in os.environ else main())
+    from megatune.argmap.errors import leave
+
+    leave(rank_main(sys.argv[1:]) if "LOCAL_RANK" in os.environ else main())
