@@ -136,3 +136,60 @@ def test_local_dispatch_equals_megatron_dispatcher_and_hf(ids):
         assert logits_diff <= 1e-6 and grad_diff <= 1e-6, f"{fam}: logits {logits_diff:.3g}, grads {grad_diff:.3g}"
     single = run_local(1, parity_worker, [(1, 1, 1, "local")], ids, timeout=600)
     _check(single, [(1, 1, 1, "local")], _reference(ids))
+
+
+# aten ops that make the host wait for the GPU (the result's size or value is read back); a boolean-mask index is one
+_HOST_SYNC = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+              "aten.repeat_interleave.Tensor", "aten._unique2.default", "aten.unique_consecutive.default",
+              "aten.is_nonzero.default", "aten.equal.default"}
+
+
+def host_sync_worker(rank, world_size, ids):
+    """Host-synchronising ops (by name, with the MoE frame that issued them) in one forward + backward of each
+    family, megatron-core's dispatcher vs moe_dispatch's, with the experts on their grouped-GEMM path (what an
+    H200 takes: device offsets) -- on the CPU nothing waits, but the same ops would stop the host on a GPU."""
+    import traceback
+
+    from megatune.train import moe, moe_experts
+    from megatune.train.distributed import init_distributed
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostSyncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            masked = name == "aten.index.Tensor" and any(
+                getattr(i, "dtype", None) == torch.bool for i in args[1] if i is not None)
+            if name in _HOST_SYNC or masked:
+                moe_frames = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
+                              if "/moe" in f.filename]
+                self.seen.append((name, moe_frames[-1] if moe_frames else "outside MoE code"))
+            return func(*args, **(kwargs or {}))
+
+    moe_experts.use_grouped_mm = lambda x: True  # this process only (run_local's child)
+    init_distributed(1, 1)
+    b, s = ids.shape
+    out = {}
+    for fam in H.FAMILIES:
+        hf, cfg = H.hf_model(fam)
+        state = H.megatron_state(hf, cfg)
+        for local in (False, True):
+            model = H.build(cfg, tp=1, pp=1, settings=moe.MoESettings(local_dispatch=local))
+            model.load_state_dict(H.shard_for_rank(state, model), strict=True)
+            model.megatune_moe_book.begin_step([{"loss_mask": torch.ones(b, s), "labels": ids}])
+            with HostSyncs() as mode:
+                model(ids, torch.arange(s).expand(b, s), None).float().square().mean().backward()
+            out[(fam, local)] = mode.seen
+    return out
+
+
+def test_local_dispatch_queues_the_whole_step_without_host_sync(ids):
+    """The claim of moe_dispatch's docstring, checked where CI can: with grouped GEMMs a forward + backward of the
+    model issues no op that reads a GPU value back, while megatron-core's dispatcher (the control) does."""
+    seen = run_local(1, host_sync_worker, ids, timeout=600)[0]
+    for fam in H.FAMILIES:
+        assert seen[(fam, True)] == [], f"{fam}: {sorted(set(seen[(fam, True)]))}"
+        assert seen[(fam, False)], f"{fam}: megatron-core's dispatcher showed no host sync: the check sees nothing"
