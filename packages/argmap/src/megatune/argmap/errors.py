@@ -13,19 +13,34 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 
 
 
 def leave(code: int) -> NoReturn:
-    """End the process with `code` (a command's entry point calls this with what its main returned). A stopped
-    command (130 / 143) has already run its `finally` blocks and printed its line, so the interpreter's teardown is
-    skipped: with torch, megatron-core and transformers loaded it spends seconds collecting garbage, and its
-    destruction of leftover gloo/NCCL process groups can block (a CI run saw a SIGTERM'd `sft` print its line and not
-    exit for 120 s), while a user who stopped a run expects the process gone. Other codes exit normally."""
-    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a closed or broken pipe: nothing left to say
-                pass
-        os._exit(code)
-    sys.exit(code)
+    """End the process with `code`; every megatune entry point calls this with what its main returned.
+
+    Interpreter teardown with torch, megatron-core and transformers loaded spends ~2.5 s collecting the garbage of
+    ~540k objects (measured on the CPU machine), and destroying a leftover gloo/NCCL process group there can block
+    (a CI run saw a SIGTERM'd `sft` print its line and not exit within 120 s). So: after success or an error (0/1/2)
+    the objects alive now are frozen out of the collector (gc.freeze; atexit handlers and reference-count frees still
+    run, cyclic garbage is left to the OS) and the process exits normally: 0.4 s instead of 2.6-3.3 s. A stopped
+    command (130/143) has run its `finally` blocks and printed its line: its multiprocessing children (a checkpoint
+    writer, data workers) are stopped and it exits at once, without teardown."""
+    if code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        import gc
+
+        gc.freeze()
+        sys.exit(code)
+    if "multiprocessing" in sys.modules:  # what multiprocessing's own exit handler would do, for every child
+        children = sys.modules["multiprocessing"].active_children()
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to say
+            pass
+    os._exit(code)
 
 
 class ArgumentError(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from megatune.argmap.errors import EXIT_USAGE
+from megatune.argmap.errors import EXIT_USAGE, leave
 from megatune.evaluate.cli import eval_main, infer_main
 
 
@@ -20,4 +20,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
