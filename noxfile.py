@@ -34,10 +34,15 @@ SIBLINGS = {
 
 
 def _install(session: nox.Session, target: str) -> None:
+    """Installs without byte-compiling (pip's compileall of torch + transformers + megatron-core is most of a fresh
+    virtualenv's install time: 76 s -> 29 s for torch and transformers on the 2-core CI machine); Python then
+    writes .pyc files for the modules it imports, once, so PYTHONDONTWRITEBYTECODE (set on these machines) is
+    unset for the session: with it and no .pyc, `import torch, transformers` took 17 s instead of 7 s."""
+    session.env["PYTHONDONTWRITEBYTECODE"] = None  # nox drops None-valued variables from the commands' environment
     if target in NEEDS_TORCH:
-        session.install(TORCH)
+        session.install("--no-compile", TORCH)
     for spec in SIBLINGS[target]:
-        session.install("-e", spec)
+        session.install("--no-compile", "-e", spec)
 
 
 def _pytest(session: nox.Session, path: str, *extra: str) -> None:
