@@ -98,33 +98,44 @@ def test_fp8_is_refused_for_moe_in_one_line():
     assert "\n" not in message
 
 
+def _both_dispatchers(ids):
+    """(family, local, model) per family: megatron-core's alltoall dispatcher (local=False), then
+    moe_dispatch.LocalTokenDispatcher, same HF weights, the MoE book's step begun for `ids`. After init_distributed."""
+    from megatune.train import moe
+
+    b, s = ids.shape
+    for fam in H.FAMILIES:
+        hf, cfg = H.hf_model(fam)
+        state = H.megatron_state(hf, cfg)
+        for local in (False, True):
+            model = H.build(cfg, tp=1, pp=1, settings=moe.MoESettings(local_dispatch=local))
+            model.load_state_dict(H.shard_for_rank(state, model), strict=True)
+            model.megatune_moe_book.begin_step([{"loss_mask": torch.ones(b, s), "labels": ids}])
+            yield fam, local, model
+
+
 def local_dispatch_worker(rank, world_size, ids):
     """Logits and every parameter's gradient of one forward/backward, megatron-core's alltoall dispatcher vs
     moe_dispatch.LocalTokenDispatcher, same weights, same tokens, per family."""
-    from megatune.train import moe
     from megatune.train.distributed import init_distributed
     from megatune.train.moe_dispatch import LocalTokenDispatcher
 
     init_distributed(1, 1)
     b, s = ids.shape
+    runs = {}
+    for fam, local, model in _both_dispatchers(ids):
+        kinds = {type(m.token_dispatcher).__name__ for m in model.modules() if hasattr(m, "token_dispatcher")}
+        logits = model(ids, torch.arange(s).expand(b, s), None)
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+        (logits * weights).sum().backward()
+        runs[(fam, local)] = (kinds, logits.detach(), {n: p.grad for n, p in model.named_parameters()})
     out = {}
     for fam in H.FAMILIES:
-        hf, cfg = H.hf_model(fam)
-        state = H.megatron_state(hf, cfg)
-        runs = {}
-        for local in (False, True):
-            model = H.build(cfg, tp=1, pp=1, settings=moe.MoESettings(local_dispatch=local))
-            model.load_state_dict(H.shard_for_rank(state, model), strict=True)
-            kinds = {type(m.token_dispatcher).__name__ for m in model.modules() if hasattr(m, "token_dispatcher")}
-            model.megatune_moe_book.begin_step([{"loss_mask": torch.ones(b, s), "labels": ids}])
-            logits = model(ids, torch.arange(s).expand(b, s), None)
-            weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
-            (logits * weights).sum().backward()
-            runs[local] = (kinds, logits.detach(), {n: p.grad for n, p in model.named_parameters()})
-        assert runs[True][0] == {LocalTokenDispatcher.__name__} and LocalTokenDispatcher.__name__ not in runs[False][0]
-        grads_ref, grads = runs[False][2], runs[True][2]
+        ref, new = runs[(fam, False)], runs[(fam, True)]
+        assert new[0] == {LocalTokenDispatcher.__name__} and LocalTokenDispatcher.__name__ not in ref[0]
+        grads_ref, grads = ref[2], new[2]
         assert grads_ref.keys() == grads.keys() and all(g is not None for g in grads.values())
-        out[fam] = ((runs[True][1] - runs[False][1]).abs().max().item(),
+        out[fam] = ((new[1] - ref[1]).abs().max().item(),
                     max((grads[n] - grads_ref[n]).abs().max().item() for n in grads))
     return out
 
@@ -150,7 +161,7 @@ def host_sync_worker(rank, world_size, ids):
     H200 takes: device offsets) -- on the CPU nothing waits, but the same ops would stop the host on a GPU."""
     import traceback
 
-    from megatune.train import moe, moe_experts
+    from megatune.train import moe_experts
     from megatune.train.distributed import init_distributed
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -173,16 +184,10 @@ def host_sync_worker(rank, world_size, ids):
     init_distributed(1, 1)
     b, s = ids.shape
     out = {}
-    for fam in H.FAMILIES:
-        hf, cfg = H.hf_model(fam)
-        state = H.megatron_state(hf, cfg)
-        for local in (False, True):
-            model = H.build(cfg, tp=1, pp=1, settings=moe.MoESettings(local_dispatch=local))
-            model.load_state_dict(H.shard_for_rank(state, model), strict=True)
-            model.megatune_moe_book.begin_step([{"loss_mask": torch.ones(b, s), "labels": ids}])
-            with HostSyncs() as mode:
-                model(ids, torch.arange(s).expand(b, s), None).float().square().mean().backward()
-            out[(fam, local)] = mode.seen
+    for fam, local, model in _both_dispatchers(ids):
+        with HostSyncs() as mode:
+            model(ids, torch.arange(s).expand(b, s), None).float().square().mean().backward()
+        out[(fam, local)] = mode.seen
     return out
 
 
